@@ -1,0 +1,134 @@
+"""Reading weight folders in the published layout, strictly and safely.
+
+Every model here loads from the folder layout that diffusers and transformers publish:
+`config.json` beside one weight file (`model.safetensors`, `diffusion_pytorch_model.safetensors`,
+`pytorch_model.bin`, `diffusion_pytorch_model.bin`) or a sharded `*.index.json` naming several.
+
+Two rules this file enforces, where the reference libraries are lenient:
+- Nothing is unpickled except through `torch.load(weights_only=True)`, which refuses arbitrary
+  objects; safetensors files hold no code at all.
+- Loading is strict: every tensor in the file is used, every parameter of the model is filled, every
+  shape matches, and an error names the file and the offending keys (diffusers and LAVIS load with
+  `strict=False` in places, which is how missing weights go unnoticed).
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+# The names the reference libraries give their weight files, in the order we look for them.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+)
+WEIGHTS_HELP = "see weights/README.md for where to get the published weights"
+
+
+class CheckpointError(ValueError):
+    """A weight folder or file that cannot be loaded; the message names the file and the problem."""
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found; {WEIGHTS_HELP}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_dict(cls, d):
+    """Build the dataclass `cls` from a published config dict, keeping only the fields it declares.
+
+    Our config fields carry the published names, so the rest of a config.json (`_class_name`,
+    `_diffusers_version`, fields for features the published models do not use) is simply ignored.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def read_tensors(path):
+    """One weight file -> {name: tensor}. safetensors, or a .bin read with weights_only=True."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found; {WEIGHTS_HELP}")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused or unreadable as a weights-only torch file ({first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    return sd
+
+
+def find_weights(folder):
+    """The weight file(s) of a published folder: a single file, or the shards of an index."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a folder; {WEIGHTS_HELP}")
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return [os.path.join(folder, name)]
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                raise CheckpointError(f"{index}: the index names no shards")
+            return [os.path.join(folder, s) for s in shards]
+    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_FILES)} "
+                          f"and their .index.json); {WEIGHTS_HELP}")
+
+
+def read_folder(folder):
+    """A published folder -> (config dict, state dict, a description of the files for errors)."""
+    config = read_json(os.path.join(folder, "config.json"))
+    files = find_weights(folder)
+    sd = {}
+    for path in files:
+        sd.update(read_tensors(path))
+    return config, sd, files[0] if len(files) == 1 else f"{folder} ({len(files)} shards)"
+
+
+def _listed(keys, limit=8):
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_strict(model, sd, source):
+    """Copy `sd` into `model`, refusing any missing, unexpected or mis-shaped tensor.
+
+    `model` may live on the meta device (built without allocating memory): the file's tensors are
+    then assigned in place of the empty ones. Returns the model.
+    """
+    expected = model.state_dict()
+    missing = expected.keys() - sd.keys()
+    unexpected = sd.keys() - expected.keys()
+    shapes = [f"{k} {tuple(sd[k].shape)} in file, {tuple(v.shape)} in model"
+              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes ({len(shapes)}): {'; '.join(shapes[:8])}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match {type(model).__name__}: " + "; ".join(problems))
+    on_meta = any(t.is_meta for t in expected.values())
+    # Tensors take the model's dtype, so a half-precision file loads into an fp32 model as fp32.
+    sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    return model

@@ -1,0 +1,124 @@
+"""Helpers shared by the parity tests: small random reference models and tiny tokenizer files.
+
+Nothing here comes from a hub. Tokenizer files are written by the test itself in the published
+formats (CLIP's byte-level BPE `vocab.json` + `merges.txt`, BERT's WordPiece `vocab.txt`).
+"""
+
+import json
+import os
+from collections import Counter
+
+import torch
+
+CORPUS = """a photo of a dog swimming underwater, a cat sitting on the sofa in the snow.
+A red striped ball on the grass at night; the teapot on a marble table (oil painting)!
+subject driven generation with blip diffusion: zero-shot, fine-tuned, controlnet & editing.
+wearing a santa hat over-exposure under-exposure saturated duplicate out of frame lowres"""
+
+
+@torch.no_grad()
+def perturb(model, seed=0, scale=0.02):
+    """Add noise to every floating parameter and buffer, so that no tensor keeps its
+    initial value (a zero-initialised layer would otherwise hide a tensor that never loaded)."""
+    g = torch.Generator().manual_seed(seed)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * scale)
+    return model
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's reversible map from bytes to printable characters (from the published algorithm)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def learn_bpe(words, num_merges):
+    """A plain BPE learner over words ending in '</w>', enough to make a realistic merges file."""
+    vocab = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w)
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, n in vocab.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        merged = Counter()
+        for word, n in vocab.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        vocab = merged
+    return merges
+
+
+def write_clip_tokenizer(folder, num_merges=60, pad_token="<|endoftext|>", with_maps=True):
+    """A small CLIP tokenizer folder in the published format (SD-1.5's `tokenizer/` shape).
+
+    The vocabulary is laid out as CLIP's: 256 byte characters, the same with '</w>', the merges,
+    then <|startoftext|> and <|endoftext|>. `pad_token` is written to special_tokens_map.json
+    (SD-1.5 pads with <|endoftext|>; SD-2 with "!").
+    """
+    os.makedirs(folder, exist_ok=True)
+    b2u = bytes_to_unicode()
+    words = ["".join(b2u[b] for b in w.encode()) for w in CORPUS.lower().replace(",", " ").split()]
+    merges = learn_bpe(words, num_merges)
+    chars = list(b2u.values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    if with_maps:
+        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>", "pad_token": pad_token}
+        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+            json.dump(special, f)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"model_max_length": 77, "do_lower_case": True, **special}, f)
+    return folder
+
+
+def write_bert_vocab(folder):
+    """A small bert-base-uncased-style `vocab.txt`: specials, characters, words and ## pieces."""
+    os.makedirs(folder, exist_ok=True)
+    words = sorted(set(CORPUS.lower().replace(",", " ").replace(".", " ").split()))
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?()&-'\"é"))
+    pieces = ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"] + ["##ing", "##ed", "##s", "##er"]
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(3)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += chars + [w for w in words if w not in chars] + pieces
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("".join(t + "\n" for t in dict.fromkeys(tokens)))
+    return folder
+
+
+def max_abs(a, b):
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def assert_close(ours, ref, rel=1e-4):
+    """Parity criterion: max abs difference <= rel x the output's scale (its max abs value)."""
+    scale = max(ref.detach().abs().max().item(), 1e-6)
+    diff = max_abs(ours, ref)
+    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} x output scale {scale:.3g}"
