@@ -93,8 +93,8 @@ def find_weights(folder):
 
 def read_folder(folder):
     """A published folder -> (config dict, state dict, a description of the files for errors)."""
-    config = read_json(os.path.join(folder, "config.json"))
     files = find_weights(folder)
+    config = read_json(os.path.join(folder, "config.json"))
     sd = {}
     for path in files:
         sd.update(read_tensors(path))
