@@ -1,0 +1,401 @@
+"""CLIP, the parts BLIP-Diffusion uses: the BPE tokenizer, the text transformer that takes the subject
+embeddings, and the ViT-L/14 image tower in front of the Q-Former.
+
+- Tokenizer: CLIP's byte-level BPE (Radford et al. 2021, sec. 2.4), ids equal to transformers' slow
+  `CLIPTokenizer` as the BLIP-Diffusion pipeline runs it (without ftfy installed).
+- Text transformer: SD-1.5's CLIP text encoder (transformers `CLIPTextModel`). BLIP-Diffusion (Li et al.
+  2023, sec. 3.2) inserts the 16 subject embeddings after "a" of the prompt; this must equal diffusers'
+  `ContextCLIPTextModel` (pipelines/blip_diffusion/modeling_ctx_clip.py).
+- Vision tower: OpenAI's ViT-L/14 with 23 of its 24 blocks plus BLIP-2's `ln_vision` (BLIP-2, Li et al.
+  2023, sec. 3.1), equal to diffusers' `Blip2VisionModel` (pipelines/blip_diffusion/modeling_blip2.py).
+
+Letters in shape comments: B batch, L text positions, N image patches, D width, H heads.
+"""
+
+import json
+import os
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder
+
+# BLIP-Diffusion inserts NUM_QUERY_TOKENS subject embeddings (the Q-Former's 16 queries) into the prompt
+# at CTX_BEGIN_POS, after <|startoftext|> and "a" (paper sec. 3.2; model_index.json `ctx_begin_pos: 2`).
+NUM_QUERY_TOKENS = 16
+CTX_BEGIN_POS = 2
+# CLIP's text context; the conditional prompt is tokenized to 77 - 16 = 61 ids so the result is 77 long.
+MAX_LENGTH = 77
+# OpenAI CLIP's image normalisation (BLIP-Diffusion's preprocessor_config.json image_mean / image_std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+# The words CLIP's BPE sees: contractions, runs of letters, single digits, runs of other symbols.
+CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# CLIP's vocabulary is 256 bytes x 2 (with and without </w>) + merges + 2 specials = 49408 ids, so
+# only the first 49152 - 256 - 2 merges are used (the slow tokenizer slices merges.txt the same way).
+MAX_MERGES = 49152 - 256 - 2
+
+
+def is_cjk(ch):
+    """The CJK ideograph blocks that BERT's BasicTokenizer sets apart as words of their own."""
+    cp = ord(ch)
+    return any(a <= cp <= b for a, b in [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                                          (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF),
+                                          (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)])
+
+
+def clean_text(text):
+    """The clean-up of transformers' slow CLIPTokenizer when ftfy is not installed (BERT's BasicTokenizer
+    without accent stripping or punctuation splitting): whitespace characters become spaces, other
+    control characters go, CJK ideographs become words, NFC, split on whitespace, lower-case each word."""
+    chars = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if ch in "\t\n\r" or category == "Zs":
+            chars.append(" ")
+        elif ch == "\ufffd" or category.startswith("C"):
+            continue
+        else:
+            chars.append(f" {ch} " if is_cjk(ch) else ch)
+    words = unicodedata.normalize("NFC", "".join(chars)).split()
+    # Python's lower() per word (not the tokenizers library's per-character Lowercase), so a final
+    # sigma becomes "ς" as in the reference.
+    return " ".join(w.lower() for w in words)
+
+
+def _special(value):
+    """A special token as written in the maps: a string, or an AddedToken dict with a `content`."""
+    return value["content"] if isinstance(value, dict) else value
+
+
+class CLIPTokenizer:
+    """CLIP's BPE on the `tokenizers` library, with the text clean-up of transformers' slow tokenizer.
+
+    The BLIP-Diffusion pipeline loads transformers' slow `CLIPTokenizer`; without ftfy it cleans text
+    as `clean_text` does. transformers' fast tokenizer keeps control characters (zero-width joiners in
+    emoji too), keeps runs of CJK ideographs whole and lower-cases a final sigma to "σ", so it
+    disagrees with the slow one on such text; we follow the slow one.
+    """
+
+    def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                 pad_token="<|endoftext|>", unk_token="<|endoftext|>"):
+        for name, token in [("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)]:
+            if token not in vocab:
+                raise CheckpointError(f"{name} token {token!r} is not in the vocabulary")
+        bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=unk_token)
+        self.tokenizer = Tokenizer(bpe)
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> printable chars
+        ])
+        # Special tokens written in a prompt stay whole, as in the reference tokenizers. That includes
+        # the pad token: with pad "!" (SD-2's tokenizer) every "!" in a prompt is the single id of "!".
+        self.tokenizer.add_special_tokens([bos_token, eos_token, pad_token, unk_token])
+        self.bos_id, self.eos_id, self.pad_id = vocab[bos_token], vocab[eos_token], vocab[pad_token]
+
+    @classmethod
+    def from_folder(cls, folder):
+        """A published tokenizer folder: vocab.json, merges.txt, and the special-token maps if present."""
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+            lines = f.read().strip().split("\n")[1:MAX_MERGES + 1]  # line 0 is "#version: ..."
+        merges = [tuple(line.split()) for line in lines]
+        specials = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins, as in transformers
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    d = json.load(f)
+                specials.update({k: _special(d[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                                 if d.get(k) is not None})
+        return cls(vocab, merges, **specials)
+
+    def encode(self, text):
+        """The BPE ids of `text`, without <|startoftext|> / <|endoftext|>."""
+        return self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids
+
+    def count(self, text):
+        """How many ids `text` needs, with <|startoftext|> and <|endoftext|>, before any truncation."""
+        return len(self.encode(text)) + 2
+
+    def __call__(self, texts, max_length=MAX_LENGTH):
+        """Prompts -> ids (B, max_length): BOS, text cut to fit, EOS, then the pad token."""
+        rows = []
+        for text in texts:
+            ids = [self.bos_id] + self.encode(text)[:max_length - 2] + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transformer blocks shared by the text and image towers (pre-LN, QuickGELU, as in OpenAI CLIP)
+# ---------------------------------------------------------------------------------------------------
+
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x) (config hidden_act "quick_gelu")."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def attention(q, k, v, heads, mask=None):
+    """Multi-head attention of (B, L, D) projections; `mask` is boolean, True where attention is allowed."""
+    B, L, D = q.shape
+    q, k, v = (t.view(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # -> (B, H, L, D/H)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(D/H), as CLIP
+    return x.transpose(1, 2).reshape(B, L, D)
+
+
+class TextAttention(nn.Module):
+    """CLIP text attention: separate q/k/v projections (transformers `CLIPAttention`)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask))
+
+
+class VisionAttention(nn.Module):
+    """ViT attention: one packed [q; k; v] projection (OpenAI's `in_proj`, diffusers' `qkv`)."""
+
+    def __init__(self, dim, heads, bias=True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.projection = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.projection(attention(q, k, v, self.heads, mask))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN residual block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, self_attn, dim, hidden, eps):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = self_attn
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x, mask=None):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def check_activation(cfg):
+    # Every published CLIP tower here uses QuickGELU (fact 11 of the reference notes); refuse others
+    # rather than silently computing something else.
+    if cfg.hidden_act != "quick_gelu":
+        raise CheckpointError(f"hidden_act {cfg.hidden_act!r}: only 'quick_gelu' (OpenAI CLIP) is supported")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text transformer
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class CLIPTextConfig:
+    """transformers' CLIPTextConfig fields; defaults = SD-1.5's text encoder (BLIP-Diffusion's text_encoder/)."""
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids, ctx_embeddings=None, ctx_begin_pos=CTX_BEGIN_POS):
+        x = self.token_embedding(input_ids)
+        if ctx_embeddings is not None:
+            # BLIP-Diffusion sec. 3.2: the subject embeddings become ordinary prompt tokens, placed
+            # before the position embeddings are added, so they take positions 2..17. (B, 61 + 16, D)
+            p = ctx_begin_pos
+            x = torch.cat([x[:, :p], ctx_embeddings.to(x.dtype), x[:, p:]], dim=1)
+        L = x.shape[1]
+        if L > self.position_embedding.num_embeddings:
+            raise ValueError(f"{L} positions (ids + subject embeddings) exceed CLIP's "
+                             f"{self.position_embedding.num_embeddings}; tokenize the prompt to 77 - 16 = 61 ids")
+        return x + self.position_embedding(torch.arange(L, device=x.device))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        check_activation(cfg)
+        D = cfg.hidden_size
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder([
+            EncoderLayer(TextAttention(D, cfg.num_attention_heads), D, cfg.intermediate_size, cfg.layer_norm_eps)
+            for _ in range(cfg.num_hidden_layers)])
+        # diffusers' ContextCLIPTextModel builds this one with LayerNorm's default eps 1e-5 whatever the
+        # config says; transformers uses layer_norm_eps. Both are 1e-5 in every published config.
+        self.final_layer_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids, ctx_embeddings=None, ctx_begin_pos=CTX_BEGIN_POS):
+        x = self.embeddings(input_ids, ctx_embeddings, ctx_begin_pos)
+        # CLIP's causal mask over every position, the inserted subject tokens included: they see the
+        # tokens before them, not each other in both directions (fact 1 of the reference notes).
+        L = x.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        return self.final_layer_norm(self.encoder(x, causal))
+
+
+class CLIPTextModel(nn.Module):
+    """SD-1.5's CLIP text encoder; with `ctx_embeddings`, BLIP-Diffusion's ContextCLIPTextModel."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.config = cfg = cfg or CLIPTextConfig()
+        self.text_model = TextTransformer(cfg)
+
+    def forward(self, input_ids, ctx_embeddings=None, ctx_begin_pos=CTX_BEGIN_POS):
+        """ids (B, L) -> last hidden state (B, L, D).
+
+        With `ctx_embeddings` (B, 16, D) the ids are the 61-long conditional prompt and the subject
+        embeddings are inserted after the first `ctx_begin_pos` ids, so the output is (B, 77, D).
+        (diffusers takes one begin position per sample; the pipeline always uses 2 for all.)
+        """
+        return self.text_model(input_ids, ctx_embeddings, ctx_begin_pos)
+
+    # Rename rules, applied to the published files before strict loading:
+    # - drop `text_model.embeddings.position_ids`: an arange(77) buffer that older transformers saved
+    #   (BLIP-Diffusion's text_encoder/pytorch_model.bin and SD-1.5's single file hold it); we compute it.
+    DROPPED = ("text_model.embeddings.position_ids",)
+    # - SD-1.5's single file (CompVis layout) keeps the HF CLIP names under this prefix, the one diffusers'
+    #   `convert_ldm_clip_checkpoint` strips.
+    COMPVIS_PREFIX = "cond_stage_model.transformer."
+
+    @classmethod
+    def from_state_dict(cls, state_dict, cfg=None, source="state dict"):
+        sd = {k: v for k, v in state_dict.items() if k not in cls.DROPPED}
+        with torch.device("meta"):
+            model = cls(cfg)
+        return load_strict(model, sd, source).eval()
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """A transformers CLIPTextModel / diffusers ContextCLIPTextModel folder (config.json + weights)."""
+        config, sd, source = read_folder(folder)
+        return cls.from_state_dict(sd, config_from_dict(CLIPTextConfig, config), source)
+
+    @classmethod
+    def from_compvis(cls, state_dict, cfg=None, source="CompVis single-file checkpoint"):
+        """The text encoder out of a whole Stable Diffusion v1 single file (v1-5-pruned-emaonly.safetensors)."""
+        n = len(cls.COMPVIS_PREFIX)
+        sd = {k[n:]: v for k, v in state_dict.items() if k.startswith(cls.COMPVIS_PREFIX)}
+        if not sd:
+            raise CheckpointError(f"{source}: no keys under {cls.COMPVIS_PREFIX!r}; not an SD-1.x checkpoint")
+        return cls.from_state_dict(sd, cfg, source)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision transformer
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class VisionConfig:
+    """transformers' Blip2VisionConfig fields; defaults = BLIP-Diffusion's qformer/config.json vision_config."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 23  # BLIP-2 drops the last of ViT-L/14's 24 blocks (uses the penultimate)
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    # diffusers' Blip2VisionConfig default, which the published config leaves in place; LAVIS uses 1e-5
+    # (fact 6 of the reference notes). We follow the config, so a folder that sets 1e-5 gets 1e-5.
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D, P = cfg.hidden_size, cfg.patch_size
+        num_positions = (cfg.image_size // P) ** 2 + 1
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, D))
+        self.patch_embedding = nn.Conv2d(3, D, kernel_size=P, stride=P, bias=False)  # OpenAI's bias-free conv1
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, D))
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
+        cls = self.class_embedding.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        return x + self.position_embedding[:, :x.shape[1]]
+
+
+class VisionTransformer(nn.Module):
+    """CLIP ViT-L/14 without its last block and `ln_post`, then BLIP-2's `ln_vision` (`post_layernorm`)."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.config = cfg = cfg or VisionConfig()
+        check_activation(cfg)
+        D = cfg.hidden_size
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.encoder = Encoder([
+            EncoderLayer(VisionAttention(D, cfg.num_attention_heads, cfg.qkv_bias), D, cfg.intermediate_size,
+                         cfg.layer_norm_eps)
+            for _ in range(cfg.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values):
+        """Normalised images (B, 3, H, W) -> image features (B, 1 + N, D), N = (H/P)(W/P)."""
+        x = self.pre_layernorm(self.embeddings(pixel_values))
+        return self.post_layernorm(self.encoder(x))
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """A diffusers/transformers Blip2VisionModel folder (config.json + weights). No renames needed."""
+        config, sd, source = read_folder(folder)
+        with torch.device("meta"):
+            model = cls(config_from_dict(VisionConfig, config))
+        return load_strict(model, sd, source).eval()
