@@ -6,6 +6,7 @@ formats (CLIP's byte-level BPE `vocab.json` + `merges.txt`, BERT's WordPiece `vo
 
 import json
 import os
+import shutil
 from collections import Counter
 
 import torch
@@ -122,3 +123,66 @@ def assert_close(ours, ref, rel=1e-4):
     diff = max_abs(ours, ref)
     assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} x output scale {scale:.3g}"
+
+
+def tiny_reference_pipeline(folder, seed=0):
+    """A tiny random BLIP-Diffusion built by the reference (diffusers 0.33.1 + transformers 4.51.3),
+    every tensor perturbed, saved in the published `Salesforce/blipdiffusion` layout under `folder`
+    (with the Q-Former's vocab.txt at bert_tokenizer/, where weights/README.md puts it).
+
+    Shapes keep what the method relies on (16 query tokens, 77 text positions, a text width equal
+    to the Q-Former's) and shrink the rest. Returns the reference pipeline, in eval mode."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.blip_diffusion import BlipDiffusionPipeline
+    from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
+    from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+
+    torch.manual_seed(seed)
+    tok_dir = write_clip_tokenizer(os.path.join(folder, "_clip_tokenizer"))
+    bert_dir = write_bert_vocab(os.path.join(folder, "bert_tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    with open(os.path.join(bert_dir, "vocab.txt")) as f:
+        bert_vocab = sum(1 for _ in f)
+    width = 32
+    text_encoder = ContextCLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=width))
+    blip = Blip2Config(
+        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=14, hidden_act="quick_gelu"),
+        qformer_config=dict(vocab_size=bert_vocab + 1, hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=37, max_position_embeddings=512, cross_attention_frequency=1),
+        num_query_tokens=16, tokenizer="bert_tokenizer")
+    cwd = os.getcwd()
+    os.chdir(folder)  # the reference loads its BertTokenizer from config.tokenizer, relative to here
+    try:
+        qformer = Blip2QFormerModel(blip)
+    finally:
+        os.chdir(cwd)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=width, attention_head_dim=2, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, layers_per_block=1, sample_size=32)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              set_alpha_to_one=False, skip_prk_steps=True)
+    image_processor = BlipImageProcessor(size={"height": 28, "width": 28},
+                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                         image_std=[0.26862954, 0.26130258, 0.27577711])
+    for model, scale in ((text_encoder, 0.1), (qformer, 0.1), (unet, 0.05), (vae, 0.05)):
+        perturb(model, seed, scale)
+    pipe = BlipDiffusionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                                 scheduler=scheduler, qformer=qformer, image_processor=image_processor,
+                                 ctx_begin_pos=2, mean=[0.48145466, 0.4578275, 0.40821073],
+                                 std=[0.26862954, 0.26130258, 0.27577711])
+    pipe.save_pretrained(folder, safe_serialization=False)  # the published folder holds .bin files
+    shutil.rmtree(tok_dir)  # saved again as tokenizer/
+    pipe.set_progress_bar_config(disable=True)
+    for model in (text_encoder, qformer, unet, vae):
+        model.eval()  # built in training mode: the Q-Former's and projection's dropout would be live
+    return pipe
