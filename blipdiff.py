@@ -10,7 +10,24 @@ It must equal diffusers 0.33.1's `BlipDiffusionPipeline` given the same weights 
 ../shared/reference/blip-diffusion.md, sections 4 and 4.1).
 """
 
+import os
+import warnings
+
+import numpy as np
 import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from checkpoint import WEIGHTS_HELP, CheckpointError, find_weights, read_json
+from clip import CLIP_MEAN, CLIP_STD, MAX_LENGTH, CLIPTextModel, CLIPTokenizer
+from qformer import QFormer, QFormerTokenizer
+from unet import UNet
+from vae import AutoencoderKL
+
+# The released code repeats the prompt 20 times (prompt_reps), an amplification the paper does not
+# mention; diffusers and LAVIS both default to it.
+PROMPT_REPS = 20
 
 # Stable Diffusion v1.5's training schedule (its scheduler_config.json): "scaled_linear" betas,
 # 1000 steps. BLIP-Diffusion keeps it unchanged.
@@ -108,14 +125,242 @@ class PNDM:
         return pndm_transfer(x, eps, self.alpha(t), self.alpha(t_prev))
 
 
-def make_sampler(name, num_steps, steps_offset=None):
-    """`pndm` (BLIP-Diffusion's published scheduler) or `ddim` (SD-1.5's DDIM settings)."""
+def make_sampler(name, num_steps, pndm_steps_offset=None):
+    """`pndm`: BLIP-Diffusion's published scheduler, its steps_offset read from the config (0);
+    `ddim`: Stable Diffusion v1.5's DDIM settings (steps_offset 1) whatever that config says."""
     if num_steps < 1:
         raise ValueError(f"steps must be positive, got {num_steps}")
     if name == "pndm":
-        return PNDM(num_steps, 0 if steps_offset is None else steps_offset)
+        return PNDM(num_steps, pndm_steps_offset or 0)
     if name == "ddim":
-        return DDIM(num_steps, 1 if steps_offset is None else steps_offset)
+        return DDIM(num_steps, steps_offset=1)
     raise ValueError(f"unknown scheduler {name!r}: use pndm or ddim")
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Subject images and prompts
+# ---------------------------------------------------------------------------------------------
+
+def to_rgb(image):
+    """Any PIL image -> 8-bit RGB. Palette, grayscale, CMYK and RGBA images convert as PIL does
+    (alpha dropped, as the reference's `convert("RGB")`); 16- and 32-bit images are rescaled to
+    8 bits first, which PIL's own conversion would clip."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(a / peak * 255.0), 0, 255).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def preprocess_subject(images, size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, center_crop=False):
+    """PIL images -> (N, 3, H, W) float32, normalised with CLIP's mean and std.
+
+    Default as diffusers' BlipImageProcessor: squash-resize to `size` with bicubic (the aspect ratio
+    is not kept). center_crop=True does as LAVIS: resize the short side, then crop the centre."""
+    h, w = size
+    out = []
+    for image in images:
+        image = to_rgb(image)
+        if center_crop:
+            scale = max(h / image.height, w / image.width)
+            image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
+                                 Image.BICUBIC)
+            left, top = (image.width - w) // 2, (image.height - h) // 2
+            image = image.crop((left, top, left + w, top + h))
+        else:
+            image = image.resize((w, h), Image.BICUBIC)
+        x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+        out.append(torch.from_numpy(x).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+    return torch.stack(out)
+
+
+def build_prompt(prompt, target_text, prompt_strength=1.0, prompt_reps=PROMPT_REPS):
+    """"a {target} {prompt}", repeated int(strength x reps) times and joined with ", " (the
+    released code's amplification; the subject embeddings are inserted after its "a")."""
+    one = f"a {target_text} {prompt.strip()}"
+    return ", ".join([one] * int(prompt_strength * prompt_reps))
+
+
+def initial_latents(num_images, shape, seed):
+    """Image k starts from randn(shape) drawn on the CPU with seed + k, so one seed gives the same
+    picture on every device, and the same as diffusers with Generator().manual_seed(seed)."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + k))
+                      for k in range(num_images)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+# What from_pretrained reads besides the weight files (which checkpoint.find_weights looks for).
+REQUIRED_FILES = ("model_index.json", "qformer/config.json", "text_encoder/config.json", "unet/config.json",
+                  "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                  "scheduler/scheduler_config.json", "image_processor/preprocessor_config.json")
+
+
+def check_folder(folder):
+    """Fail early, naming the first missing file, before gigabytes are read."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such weights folder; {WEIGHTS_HELP}")
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise CheckpointError(f"{os.path.join(folder, name)}: missing; {WEIGHTS_HELP}")
+    for part in ("qformer", "text_encoder", "unet", "vae"):
+        find_weights(os.path.join(folder, part))
+
+
+def find_qformer_vocab(folder, qformer_config):
+    """The Q-Former's WordPiece vocab.txt, which the published folder lacks (the reference fetches
+    bert-base-uncased's from the hub): the config's "tokenizer" entry if it names a folder inside
+    the weights folder, else bert_tokenizer/vocab.txt, else an error saying what to download."""
+    candidates = []
+    named = qformer_config.get("tokenizer")
+    if isinstance(named, str) and named:
+        candidates.append(os.path.join(folder, named, "vocab.txt"))
+    candidates.append(os.path.join(folder, "bert_tokenizer", "vocab.txt"))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{candidates[-1]}: missing; download bert-base-uncased's vocab.txt and put it "
+                          f"there (see weights/README.md)")
+
+
+def read_scheduler_config(folder):
+    """The published scheduler_config.json, checked for settings our samplers implement."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    cfg = read_json(path)
+    expected = {"beta_schedule": "scaled_linear", "beta_start": BETA_START, "beta_end": BETA_END,
+                "prediction_type": "epsilon", "set_alpha_to_one": False,
+                "timestep_spacing": "leading", "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "skip_prk_steps": True}
+    for key, value in expected.items():
+        if cfg.get(key, value) != value:
+            raise CheckpointError(f"{path}: {key}={cfg[key]!r} is not supported (only {value!r}, "
+                                  f"as BLIP-Diffusion publishes)")
+    return cfg
+
+
+class BlipDiffusion(nn.Module):
+    """Subject image + category word + prompt -> images (the zero-shot generation of §3.2)."""
+
+    def __init__(self, qformer, text_encoder, unet, vae, tokenizer, qformer_tokenizer,
+                 scheduler_config=None, image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD):
+        super().__init__()
+        self.qformer, self.text_encoder, self.unet, self.vae = qformer, text_encoder, unet, vae
+        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
+        self.scheduler_config = scheduler_config or {}
+        self.image_size, self.mean, self.std = image_size, mean, std
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """The published `Salesforce/blipdiffusion` folder (see weights/README.md)."""
+        check_folder(folder)
+        index = read_json(os.path.join(folder, "model_index.json"))
+        size = read_json(os.path.join(folder, "image_processor", "preprocessor_config.json")).get("size", {})
+        vocab = find_qformer_vocab(folder, read_json(os.path.join(folder, "qformer", "config.json")))
+        return cls(
+            qformer=QFormer.from_pretrained(os.path.join(folder, "qformer")),
+            text_encoder=CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")),
+            unet=UNet.from_pretrained(os.path.join(folder, "unet")),
+            vae=AutoencoderKL.from_pretrained(os.path.join(folder, "vae")),
+            tokenizer=CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer")),
+            qformer_tokenizer=QFormerTokenizer.from_file(vocab),
+            scheduler_config=read_scheduler_config(folder),
+            image_size=(size.get("height", 224), size.get("width", 224)),
+            mean=tuple(index.get("mean") or CLIP_MEAN), std=tuple(index.get("std") or CLIP_STD),
+        ).eval()
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    @torch.no_grad()
+    def subject_embeddings(self, images, subject_text, center_crop=False):
+        """Several pictures of one subject -> their mean subject embedding, (1, 16, 768)."""
+        pixels = preprocess_subject(images, self.image_size, self.mean, self.std, center_crop)
+        ids, mask = self.qformer_tokenizer([subject_text] * len(images))
+        emb = self.qformer(pixels.to(self.device, self.dtype), ids.to(self.device), mask.to(self.device))
+        return emb.mean(dim=0, keepdim=True)
+
+    def mixed_subject(self, subject_images, subject_text, weights=None, center_crop=False):
+        """One subject (a list of images and a word) or several (a list of lists, a list of words,
+        optional weights) -> one (1, 16, 768) embedding: per subject the mean over its images, then
+        Σ w_k·e_k, the paper's subject interpolation (Figure 9; equal weights by default)."""
+        if isinstance(subject_images, Image.Image):
+            subject_images = [subject_images]
+        if not subject_images or subject_text is None:
+            raise ValueError("give subject_images and subject_text (or ctx_embeddings)")
+        if isinstance(subject_images[0], Image.Image):
+            subject_images = [subject_images]
+        texts = [subject_text] if isinstance(subject_text, str) else list(subject_text)
+        if len(texts) != len(subject_images):
+            raise ValueError(f"{len(subject_images)} subjects but {len(texts)} subject texts: give one text each")
+        weights = [1.0 / len(texts)] * len(texts) if weights is None else list(weights)
+        if len(weights) != len(texts):
+            raise ValueError(f"{len(texts)} subjects but {len(weights)} weights: give one weight each")
+        return sum(w * self.subject_embeddings(imgs, t, center_crop)
+                   for w, imgs, t in zip(weights, subject_images, texts)), texts
+
+    @torch.no_grad()
+    def encode_text(self, texts, ctx_embeddings=None):
+        """Prompts -> CLIP text states (B, 77, 768). With subject embeddings the prompt takes
+        77 - 16 tokens and the embeddings are inserted at position 2; without, plain CLIP over 77.
+        Longer prompts are truncated (diffusers crashes on a negative prompt over 77 tokens)."""
+        length = MAX_LENGTH - (0 if ctx_embeddings is None else ctx_embeddings.shape[1])
+        ids = self.tokenizer(texts, max_length=length).to(self.device)
+        return self.text_encoder(ids, ctx_embeddings=ctx_embeddings)
+
+    def warn_if_truncated(self, text, length, what):
+        n = self.tokenizer.count(text)
+        if n > length:
+            warnings.warn(f"the {what} is {n} tokens; the model reads {length}, so it was truncated")
+
+    @torch.no_grad()
+    def generate(self, prompt, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
+                 negative_prompt="", steps=50, guidance=7.5, seed=0, height=512, width=512, scheduler="pndm",
+                 num_images=1, prompt_strength=1.0, prompt_reps=PROMPT_REPS, center_crop=False,
+                 ctx_embeddings=None, output="pil", progress=True):
+        """Render the subject in the context the prompt describes.
+
+        subject_images: PIL images of one subject (their embeddings are averaged), or a list of such
+        lists for several subjects mixed by `subject_weights`. subject_text: the category word (one per
+        subject). target_text: the word written into the prompt (default: the first subject's).
+        ctx_embeddings: precomputed (1, 16, 768) subject embeddings instead of images.
+        Returns PIL images (output="pil"), or a float32 array (N, H, W, 3) in [0, 1] (output="np").
+        """
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        sampler = make_sampler(scheduler, steps, self.scheduler_config.get("steps_offset"))
+        if ctx_embeddings is None:
+            ctx_embeddings, subject_text = self.mixed_subject(subject_images, subject_text, subject_weights,
+                                                              center_crop)
+        target_text = target_text or (subject_text[0] if isinstance(subject_text, list) else subject_text)
+        ctx = ctx_embeddings.to(self.device, self.dtype).expand(num_images, -1, -1)
+        self.warn_if_truncated(f"a {target_text} {prompt.strip()}", MAX_LENGTH - ctx.shape[1], "prompt")
+        text = self.encode_text([build_prompt(prompt, target_text, prompt_strength, prompt_reps)] * num_images, ctx)
+        if guidance > 1.0:
+            self.warn_if_truncated(negative_prompt, MAX_LENGTH, "negative prompt")
+            text = torch.cat([self.encode_text([negative_prompt] * num_images), text])  # [uncond, cond]
+
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (self.unet.config.in_channels, height // factor, width // factor)
+        latents = initial_latents(num_images, shape, seed).to(self.device, self.dtype)
+        for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress):
+            x_in = torch.cat([latents] * 2) if guidance > 1.0 else latents
+            eps = self.unet(x_in, t, text)
+            if guidance > 1.0:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
+            latents = sampler.step(eps, t, latents)
+
+        images = (self.vae.decode(latents / self.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
+        images = images.float().permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, H, W) -> (N, H, W, 3)
+        if output == "np":
+            return images
+        return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]

@@ -1,0 +1,142 @@
+"""BlipDiffusion against diffusers' BlipDiffusionPipeline on a tiny random model in the published layout."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from blipdiff import BlipDiffusion, build_prompt, preprocess_subject, to_rgb
+
+SIZE = dict(height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pipeline):
+    pipe, folder = tiny_pipeline
+    return pipe, BlipDiffusion.from_pretrained(folder)
+
+
+def image(seed, h=40, w=30):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+
+
+def reference(pipe, img, seed, **kw):
+    args = dict(prompt=["swimming underwater"], reference_image=img, source_subject_category=["dog"],
+                target_subject_category=["dog"], num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(seed), **SIZE)
+    args.update(kw)
+    return pipe(**args).images
+
+
+@pytest.mark.parametrize("guidance,negative", [(7.5, ""), (7.5, "blurry, lowres, bad anatomy"), (1.0, "")])
+def test_generate_equals_reference_pndm(models, guidance, negative):
+    pipe, ours = models
+    ref = reference(pipe, image(0), 5, guidance_scale=guidance, neg_prompt=negative)
+    out = ours.generate("swimming underwater", [image(0)], "dog", guidance=guidance, negative_prompt=negative,
+                        steps=3, seed=5, output="np", progress=False, **SIZE)
+    assert out.shape == ref.shape == (1, 32, 32, 3) and out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_generate_equals_reference_ddim(models):
+    pipe, ours = models
+    saved = pipe.scheduler
+    # Stable Diffusion v1.5's DDIM settings, which --scheduler ddim promises.
+    pipe.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    try:
+        ref = reference(pipe, image(1), 7, guidance_scale=7.5, neg_prompt="ugly")
+    finally:
+        pipe.scheduler = saved
+    out = ours.generate("swimming underwater", [image(1)], "dog", negative_prompt="ugly", steps=3, seed=7,
+                        scheduler="ddim", output="np", progress=False, **SIZE)
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_target_text_and_pil_output(models):
+    pipe, ours = models
+    ref = reference(pipe, image(2), 3, target_subject_category=["cat"])
+    out = ours.generate("swimming underwater", image(2), "dog", target_text="cat", steps=3, seed=3,
+                        progress=False, **SIZE)
+    assert isinstance(out[0], Image.Image) and out[0].size == (32, 32)
+    assert np.abs(np.asarray(out[0], dtype=np.float32) - ref[0] * 255).max() <= 0.5 + 1e-3  # same rounding
+
+
+def test_batch_image_k_uses_seed_plus_k(models):
+    _, ours = models
+    kw = dict(steps=2, output="np", progress=False, **SIZE)
+    both = ours.generate("on the grass", [image(0)], "dog", seed=11, num_images=2, **kw)
+    first = ours.generate("on the grass", [image(0)], "dog", seed=11, **kw)
+    second = ours.generate("on the grass", [image(0)], "dog", seed=12, **kw)
+    assert np.abs(both - np.concatenate([first, second])).max() <= 1e-5
+
+
+def test_several_images_are_averaged_and_mixing_weights(models):
+    _, ours = models
+    a, b = image(0), image(1)
+    emb_a, emb_b = ours.subject_embeddings([a], "dog"), ours.subject_embeddings([b], "dog")
+    assert torch.allclose(ours.subject_embeddings([a, b], "dog"), (emb_a + emb_b) / 2, atol=1e-6)
+    assert torch.allclose(ours.subject_embeddings([a, a, a], "dog"), emb_a, atol=1e-6)
+    kw = dict(steps=2, seed=0, output="np", progress=False, **SIZE)
+    single = ours.generate("at night", [a], "dog", **kw)
+    mixed = ours.generate("at night", [[a], [b]], ["dog", "cat"], subject_weights=[1.0, 0.0], **kw)
+    assert np.abs(single - mixed).max() <= 1e-5
+    half = ours.generate("at night", [[a], [b]], ["dog", "dog"], subject_weights=[0.5, 0.5], **kw)
+    assert np.abs(half - ours.generate("at night", [a, b], "dog", **kw)).max() <= 1e-5
+
+
+def test_prompt_is_repeated_20_times_and_truncated(models):
+    _, ours = models
+    assert build_prompt(" on the beach ", "dog") == ", ".join(["a dog on the beach"] * 20)
+    with pytest.warns(UserWarning, match="truncated"):
+        ours.generate("very " * 80 + "long", [image(0)], "dog", steps=1, output="np", progress=False, **SIZE)
+    with pytest.warns(UserWarning, match="negative prompt is"):  # diffusers crashes here; we truncate
+        ours.generate("ok", [image(0)], "dog", negative_prompt="bad " * 90, steps=1, output="np",
+                      progress=False, **SIZE)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "LA", "I;16", "I"])
+def test_odd_image_modes_are_converted(mode):
+    rgb = image(3)
+    if mode == "I;16":
+        odd = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+        assert odd.mode.startswith("I;16")
+    elif mode == "I":
+        odd = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.int32) * 257)
+    else:
+        odd = rgb.convert(mode)
+    converted = to_rgb(odd)
+    assert converted.mode == "RGB" and converted.size == rgb.size
+    if mode in ("I;16", "I"):  # 16-bit grey rescaled to 8 bits, not clipped to white
+        assert np.array_equal(np.asarray(converted)[..., 0], np.asarray(rgb.convert("L")))
+    pixels = preprocess_subject([odd])
+    assert pixels.shape == (1, 3, 224, 224) and torch.isfinite(pixels).all()
+
+
+def test_center_crop_keeps_the_aspect_ratio():
+    # A wide image whose left and right thirds are black: the crop keeps only the white middle.
+    a = np.zeros((100, 300, 3), np.uint8)
+    a[:, 100:200] = 255
+    squash = preprocess_subject([Image.fromarray(a)], (50, 50))
+    crop = preprocess_subject([Image.fromarray(a)], (50, 50), center_crop=True)
+    assert crop[..., 5:45].min() > squash.min()  # all white inside the crop
+    assert squash[..., :10].max() < 0  # squashing keeps the black bars
+
+
+def test_missing_vocab_and_files_named(tiny_pipeline, tmp_path):
+    import shutil
+
+    from checkpoint import CheckpointError
+    _, folder = tiny_pipeline
+    copy = tmp_path / "w"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "bert_tokenizer")
+    (copy / "qformer" / "config.json").write_text(
+        (copy / "qformer" / "config.json").read_text().replace('"bert_tokenizer"', '"elsewhere"'))
+    with pytest.raises(CheckpointError, match=r"bert_tokenizer/vocab.txt: missing; download bert-base-uncased"):
+        BlipDiffusion.from_pretrained(str(copy))
+    (copy / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer/merges.txt: missing; see weights/README.md"):
+        BlipDiffusion.from_pretrained(str(copy))
