@@ -1,0 +1,187 @@
+"""Zero-shot subject-driven generation from the command line (BLIP-Diffusion, §3.2).
+
+    python sample.py --weights weights/blipdiffusion --subject dog.png --subject-text dog \\
+        --prompt "swimming underwater" --out out.png
+
+Defaults reproduce diffusers' BlipDiffusionPipeline: 50 PNDM steps, guidance 7.5, 512x512, an
+empty negative prompt, the prompt repeated 20 times. Everything is checked before the weights are
+read, so bad input costs a second, prints one line and writes nothing.
+"""
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
+
+
+class InputError(ValueError):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def read_images(path):
+    """An image file, or every image in a folder (sorted by name) -> a list of PIL images."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise InputError(f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise InputError(f"{path}: no such file or folder")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"{f}: not an image that can be read ({type(e).__name__}); give a PNG, JPEG or WebP") from None
+    return images
+
+
+def check_output(path):
+    """The output must have a known extension and a writable folder, checked before any work."""
+    if not path.lower().endswith(OUTPUT_EXTENSIONS):
+        raise InputError(f"--out {path}: use one of {', '.join(OUTPUT_EXTENSIONS)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise InputError(f"--out {path}: cannot write to {folder}; create it or choose another place")
+
+
+def save_atomic(path, write):
+    """write(tmp_path) then rename, so a crash never leaves a half-written file under `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def grid(images):
+    """N images in a near-square grid, row by row."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h))
+    for k, im in enumerate(images):
+        sheet.paste(im, ((k % cols) * w, (k // cols) * h))
+    return sheet
+
+
+def write_outputs(path, array):
+    """.npy: the float32 (N, H, W, 3) array in [0, 1]. An image: the picture (a grid when N > 1,
+    with each image beside it as NAME-k.EXT). Returns the paths written."""
+    if path.lower().endswith(".npy"):
+        save_atomic(path, lambda tmp: np.save(tmp, array.astype(np.float32)))
+        return [path]
+    images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    written = []
+    if len(images) > 1:
+        stem, ext = os.path.splitext(path)
+        for k, im in enumerate(images):
+            save_atomic(f"{stem}-{k}{ext}", im.save)
+            written.append(f"{stem}-{k}{ext}")
+    save_atomic(path, (grid(images) if len(images) > 1 else images[0]).save)
+    return [path] + written
+
+
+def pick_device(name):
+    import torch
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Render a subject in a new context (BLIP-Diffusion, zero-shot).")
+    p.add_argument("--weights", default="weights/blipdiffusion", help="published-layout folder (weights/README.md)")
+    p.add_argument("--subject", action="append", default=[], metavar="PATH",
+                   help="an image or a folder of images of one subject; repeat for several subjects")
+    p.add_argument("--subject-text", action="append", default=[], metavar="WORD",
+                   help="the subject's category word (e.g. dog), one per --subject")
+    p.add_argument("--subject-weight", action="append", type=float, default=[], metavar="W",
+                   help="mixing weight per --subject (subject interpolation); default equal")
+    p.add_argument("--target-text", default=None, metavar="WORD", help="word written into the prompt; default the first subject text")
+    p.add_argument("--prompt", required=True, help='the new context, e.g. "swimming underwater"')
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default empty, as diffusers)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed + k")
+    p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8")
+    p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8")
+    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm",
+                   help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--center-crop", action="store_true",
+                   help="LAVIS-style subject preprocessing (short side resize + centre crop) instead of diffusers' squash")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32 on CPU, fp16 on CUDA")
+    p.add_argument("--out", default="out.png", help=".png/.jpg image (a grid when N > 1) or .npy float32 (N, H, W, 3)")
+    args = p.parse_args(argv)
+
+    # Everything that can be wrong with the input is checked before the weights are read.
+    try:
+        if args.height % 8 or args.width % 8 or args.height <= 0 or args.width <= 0:
+            raise InputError(f"--height/--width {args.height}x{args.width}: use positive multiples of 8 (e.g. 512)")
+        if args.steps < 1:
+            raise InputError(f"--steps {args.steps}: must be at least 1")
+        if args.num_images < 1:
+            raise InputError(f"--num-images {args.num_images}: must be at least 1")
+        if not args.subject:
+            raise InputError("give --subject PATH (an image or a folder of images) and --subject-text WORD")
+        if len(args.subject_text) != len(args.subject):
+            raise InputError(f"{len(args.subject)} --subject but {len(args.subject_text)} --subject-text: give one word per subject")
+        if args.subject_weight and len(args.subject_weight) != len(args.subject):
+            raise InputError(f"{len(args.subject)} --subject but {len(args.subject_weight)} --subject-weight: give one per subject")
+        check_output(args.out)
+        subjects = [read_images(path) for path in args.subject]
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from blipdiff import BlipDiffusion
+    from checkpoint import CheckpointError
+
+    device = pick_device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if device == "cuda" else "fp32")]
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    start = time.time()
+    try:
+        model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    array = model.generate(
+        args.prompt, subjects, args.subject_text, target_text=args.target_text,
+        subject_weights=args.subject_weight or None, negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, height=args.height, width=args.width, scheduler=args.scheduler,
+        num_images=args.num_images, center_crop=args.center_crop, output="np")
+    written = write_outputs(args.out, array)
+    n = args.num_images
+    print(f"wrote {written[0]} ({n} image{'s' * (n > 1)}, {args.width}x{args.height}"
+          f"{', and each beside it' if len(written) > 1 else ''}) in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""sample.py, the command line: parity with the reference pipeline, its outputs, and bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    rng = np.random.RandomState(0)
+    path = tmp_path_factory.mktemp("subject") / "dog.png"
+    Image.fromarray((rng.rand(48, 40, 3) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def run(folder, subject, out, *extra):
+    argv = ["--weights", folder, "--subject", subject, "--subject-text", "dog", "--prompt", "swimming underwater",
+            "--steps", "3", "--height", "32", "--width", "32", "--seed", "5", "--out", str(out), *extra]
+    return sample.main(argv)
+
+
+@pytest.mark.parametrize("extra,guidance,negative,ddim", [
+    ((), 7.5, "", False),
+    (("--negative-prompt", "blurry, lowres"), 7.5, "blurry, lowres", False),
+    (("--guidance", "1"), 1.0, "", False),
+    (("--scheduler", "ddim", "--negative-prompt", "ugly"), 7.5, "ugly", True),
+])
+def test_output_equals_reference_pipeline(tiny_pipeline, subject, tmp_path, extra, guidance, negative, ddim):
+    pipe, folder = tiny_pipeline
+    assert run(folder, subject, tmp_path / "x.npy", *extra) == 0
+    out = np.load(tmp_path / "x.npy")
+    saved = pipe.scheduler
+    if ddim:  # what --scheduler ddim promises: Stable Diffusion v1.5's DDIM settings
+        pipe.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    try:
+        ref = pipe(prompt=["swimming underwater"], reference_image=Image.open(subject), source_subject_category=["dog"],
+                   target_subject_category=["dog"], guidance_scale=guidance, neg_prompt=negative, height=32, width=32,
+                   num_inference_steps=3, generator=torch.Generator().manual_seed(5), output_type="np").images
+    finally:
+        pipe.scheduler = saved
+    assert out.dtype == np.float32 and out.shape == (1, 32, 32, 3)
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_command_line_writes_a_grid_and_each_image(tiny_pipeline, subject, tmp_path):
+    _, folder = tiny_pipeline
+    out = tmp_path / "out.png"
+    cmd = [sys.executable, "sample.py", "--weights", folder, "--subject", os.path.dirname(subject),
+           "--subject-text", "dog", "--prompt", "on the beach", "--steps", "2", "--height", "32", "--width", "48",
+           "--num-images", "3", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (2 * 48, 2 * 32)  # 3 images in a 2x2 grid
+    for k in range(3):
+        assert Image.open(tmp_path / f"out-{k}.png").size == (48, 32)
+    assert f"wrote {out}" in result.stdout.strip().splitlines()[-1]
+    assert "denoising" in result.stderr  # the progress bar
+    assert sorted(os.listdir(tmp_path)) == ["out-0.png", "out-1.png", "out-2.png", "out.png"]  # no temp files left
+
+
+def bad(capsys, tmp_path, argv):
+    code = sample.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert not [f for f in os.listdir(tmp_path) if f != "in"]  # nothing written
+    return err
+
+
+def test_bad_input(tiny_pipeline, subject, tmp_path, capsys):
+    _, folder = tiny_pipeline
+    out = str(tmp_path / "x.png")
+    base = ["--weights", folder, "--subject", subject, "--subject-text", "dog", "--prompt", "p", "--out", out]
+    (tmp_path / "in").mkdir()
+    empty, text = tmp_path / "in" / "empty", tmp_path / "in" / "notes.png"
+    empty.mkdir()
+    text.write_text("not an image")
+    assert "multiples of 8" in bad(capsys, tmp_path, base + ["--height", "100"])
+    assert "--steps 0" in bad(capsys, tmp_path, base + ["--steps", "0"])
+    assert "one word per subject" in bad(capsys, tmp_path, base + ["--subject", subject])
+    assert "holds no images" in bad(capsys, tmp_path, base[:2] + ["--subject", str(empty)] + base[4:])
+    assert f"{text}: not an image" in bad(capsys, tmp_path, base[:2] + ["--subject", str(text)] + base[4:])
+    assert "no such file" in bad(capsys, tmp_path, base[:2] + ["--subject", str(tmp_path / "nope.png")] + base[4:])
+    assert "cannot write" in bad(capsys, tmp_path, base[:-1] + [str(tmp_path / "missing" / "x.png")])
+    assert "use one of" in bad(capsys, tmp_path, base[:-1] + [str(tmp_path / "x.gif")])
+    msg = bad(capsys, tmp_path, ["--weights", str(tmp_path / "nowhere")] + base[2:])
+    assert "weights/README.md" in msg
+
+
+def test_incomplete_weights_folder_names_the_file(tiny_pipeline, subject, tmp_path, capsys):
+    import shutil
+    _, folder = tiny_pipeline
+    copy = tmp_path / "in"
+    shutil.copytree(folder, copy)
+    os.remove(copy / "unet" / "diffusion_pytorch_model.bin")
+    err = bad(capsys, tmp_path, ["--weights", str(copy), "--subject", subject, "--subject-text", "dog",
+                                 "--prompt", "p", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    assert "unet: no weight file" in err and "weights/README.md" in err
+
+
+def test_odd_mode_subjects_are_accepted(tiny_pipeline, tmp_path):
+    _, folder = tiny_pipeline
+    rng = np.random.RandomState(1)
+    rgb = Image.fromarray((rng.rand(24, 24, 3) * 255).astype(np.uint8))
+    (tmp_path / "subject").mkdir()
+    for mode in ("RGBA", "L", "P", "CMYK"):
+        rgb.convert(mode).save(tmp_path / "subject" / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+    Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(tmp_path / "subject" / "16bit.png")
+    code = sample.main(["--weights", folder, "--subject", str(tmp_path / "subject"), "--subject-text", "dog",
+                        "--prompt", "p", "--steps", "1", "--height", "16", "--width", "16",
+                        "--out", str(tmp_path / "x.npy")])
+    assert code == 0 and np.isfinite(np.load(tmp_path / "x.npy")).all()
