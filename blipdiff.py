@@ -11,16 +11,20 @@ It must equal diffusers 0.33.1's `BlipDiffusionPipeline` given the same weights 
 """
 
 import os
+import shutil
 import warnings
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import WEIGHTS_HELP, CheckpointError, find_weights, read_json
-from clip import CLIP_MEAN, CLIP_STD, MAX_LENGTH, CLIPTextModel, CLIPTokenizer
+from checkpoint import WEIGHTS_HELP, CheckpointError, find_weights, read_json, write_folder_atomically, write_json
+from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, MAX_LENGTH, CLIPTextModel, CLIPTokenizer
 from qformer import QFormer, QFormerTokenizer
 from unet import UNet
 from vae import AutoencoderKL
@@ -125,6 +129,13 @@ class PNDM:
         return pndm_transfer(x, eps, self.alpha(t), self.alpha(t_prev))
 
 
+def q_sample(x0, eps, t, alphas):
+    """The forward (noising) process of DDPM (Ho et al. 2020, eq. 4), used in training:
+    x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, with t a (B,) tensor of integer timesteps."""
+    a = alphas.to(x0.device)[t].to(x0.dtype)[:, None, None, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
 def make_sampler(name, num_steps, pndm_steps_offset=None):
     """`pndm`: BLIP-Diffusion's published scheduler, its steps_offset read from the config (0);
     `ddim`: Stable Diffusion v1.5's DDIM settings (steps_offset 1) whatever that config says."""
@@ -195,6 +206,9 @@ def initial_latents(num_images, shape, seed):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+# A fine-tuned model's subject (train.py --stage finetune): embeddings (1, 16, 768) + its word.
+CTX_FILE = "ctx_embeddings.safetensors"
+
 # What from_pretrained reads besides the weight files (which checkpoint.find_weights looks for).
 REQUIRED_FILES = ("model_index.json", "qformer/config.json", "text_encoder/config.json", "unet/config.json",
                   "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
@@ -245,13 +259,21 @@ def read_scheduler_config(folder):
 class BlipDiffusion(nn.Module):
     """Subject image + category word + prompt -> images (the zero-shot generation of §3.2)."""
 
-    def __init__(self, qformer, text_encoder, unet, vae, tokenizer, qformer_tokenizer,
-                 scheduler_config=None, image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, qformer, text_encoder, unet, vae, tokenizer_folder, qformer_vocab,
+                 scheduler_config=None, image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD,
+                 ctx_embeddings=None, subject_text=None):
         super().__init__()
         self.qformer, self.text_encoder, self.unet, self.vae = qformer, text_encoder, unet, vae
-        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
+        # The tokenizers are kept with the files they came from, which save_pretrained copies.
+        self.tokenizer_folder, self.qformer_vocab = tokenizer_folder, qformer_vocab
+        self.tokenizer = CLIPTokenizer.from_folder(tokenizer_folder)
+        self.qformer_tokenizer = QFormerTokenizer.from_file(qformer_vocab)
         self.scheduler_config = scheduler_config or {}
         self.image_size, self.mean, self.std = image_size, mean, std
+        # A fine-tuned model (train.py --stage finetune) carries its subject: the averaged subject
+        # embeddings, trained further, and the subject's word. The Q-Former is then not needed.
+        self.ctx_embeddings = None if ctx_embeddings is None else nn.Parameter(ctx_embeddings, requires_grad=False)
+        self.subject_text = subject_text
 
     @classmethod
     def from_pretrained(cls, folder):
@@ -260,17 +282,58 @@ class BlipDiffusion(nn.Module):
         index = read_json(os.path.join(folder, "model_index.json"))
         size = read_json(os.path.join(folder, "image_processor", "preprocessor_config.json")).get("size", {})
         vocab = find_qformer_vocab(folder, read_json(os.path.join(folder, "qformer", "config.json")))
+        ctx, subject_text = None, None
+        if os.path.isfile(os.path.join(folder, CTX_FILE)):
+            with safe_open(os.path.join(folder, CTX_FILE), "pt") as f:
+                ctx, subject_text = f.get_tensor("ctx_embeddings"), f.metadata().get("subject_text")
         return cls(
             qformer=QFormer.from_pretrained(os.path.join(folder, "qformer")),
             text_encoder=CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")),
             unet=UNet.from_pretrained(os.path.join(folder, "unet")),
             vae=AutoencoderKL.from_pretrained(os.path.join(folder, "vae")),
-            tokenizer=CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer")),
-            qformer_tokenizer=QFormerTokenizer.from_file(vocab),
+            tokenizer_folder=os.path.join(folder, "tokenizer"), qformer_vocab=vocab,
             scheduler_config=read_scheduler_config(folder),
             image_size=(size.get("height", 224), size.get("width", 224)),
             mean=tuple(index.get("mean") or CLIP_MEAN), std=tuple(index.get("std") or CLIP_STD),
+            ctx_embeddings=ctx, subject_text=subject_text,
         ).eval()
+
+    def save_pretrained(self, folder):
+        """Write the published folder layout (safetensors weights), atomically: a crash leaves the
+        previous contents of `folder` as they were. from_pretrained reads it back."""
+        def part(tmp, name, module, weights):
+            os.makedirs(os.path.join(tmp, name))
+            write_json(os.path.join(tmp, name, "config.json"), asdict(module.config))
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                      os.path.join(tmp, name, weights))
+
+        def write(tmp):
+            write_json(os.path.join(tmp, "model_index.json"),
+                       {"_class_name": "BlipDiffusionPipeline", "ctx_begin_pos": CTX_BEGIN_POS,
+                        "mean": list(self.mean), "std": list(self.std)})
+            part(tmp, "qformer", self.qformer, "model.safetensors")
+            part(tmp, "text_encoder", self.text_encoder, "model.safetensors")
+            part(tmp, "unet", self.unet, "diffusion_pytorch_model.safetensors")
+            part(tmp, "vae", self.vae, "diffusion_pytorch_model.safetensors")
+            shutil.copytree(self.tokenizer_folder, os.path.join(tmp, "tokenizer"))
+            os.makedirs(os.path.join(tmp, "bert_tokenizer"))
+            shutil.copyfile(self.qformer_vocab, os.path.join(tmp, "bert_tokenizer", "vocab.txt"))
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), {
+                "_class_name": "PNDMScheduler", "beta_start": BETA_START, "beta_end": BETA_END,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+                "skip_prk_steps": True, "set_alpha_to_one": False, "prediction_type": "epsilon",
+                "timestep_spacing": "leading", "steps_offset": self.scheduler_config.get("steps_offset", 0)})
+            os.makedirs(os.path.join(tmp, "image_processor"))
+            h, w = self.image_size
+            write_json(os.path.join(tmp, "image_processor", "preprocessor_config.json"),
+                       {"size": {"height": h, "width": w}, "image_mean": list(self.mean),
+                        "image_std": list(self.std), "resample": 3})
+            if self.ctx_embeddings is not None:
+                save_file({"ctx_embeddings": self.ctx_embeddings.detach().float().cpu().contiguous()},
+                          os.path.join(tmp, CTX_FILE), metadata={"subject_text": self.subject_text or ""})
+
+        write_folder_atomically(folder, write)
 
     @property
     def device(self):
@@ -337,6 +400,8 @@ class BlipDiffusion(nn.Module):
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
         sampler = make_sampler(scheduler, steps, self.scheduler_config.get("steps_offset"))
+        if ctx_embeddings is None and subject_images is None and self.ctx_embeddings is not None:
+            ctx_embeddings, subject_text = self.ctx_embeddings, self.subject_text  # a fine-tuned subject
         if ctx_embeddings is None:
             ctx_embeddings, subject_text = self.mixed_subject(subject_images, subject_text, subject_weights,
                                                               center_crop)

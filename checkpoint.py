@@ -16,6 +16,8 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
+import tempfile
 
 import torch
 from safetensors import SafetensorError
@@ -43,6 +45,12 @@ def read_json(path):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def config_from_dict(cls, d):
@@ -132,3 +140,27 @@ def load_strict(model, sd, source):
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=on_meta)
     return model
+
+
+def write_folder_atomically(folder, write):
+    """Call write(tmp) to fill a fresh temporary folder, then put it in place of `folder`.
+
+    A crash or a full disk during `write` leaves the previous `folder` untouched (the half-written
+    temporary folder is removed). The swap itself is two renames; between them the previous
+    version survives as `folder.old-*`."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(folder):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
+        os.replace(folder, os.path.join(old, "x"))
+    os.replace(tmp, folder)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -113,7 +113,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Render a subject in a new context (BLIP-Diffusion, zero-shot).")
     p.add_argument("--weights", default="weights/blipdiffusion", help="published-layout folder (weights/README.md)")
     p.add_argument("--subject", action="append", default=[], metavar="PATH",
-                   help="an image or a folder of images of one subject; repeat for several subjects")
+                   help="an image or a folder of images of one subject; repeat for several subjects "
+                        "(not needed with a model fine-tuned by train.py --stage finetune)")
     p.add_argument("--subject-text", action="append", default=[], metavar="WORD",
                    help="the subject's category word (e.g. dog), one per --subject")
     p.add_argument("--subject-weight", action="append", type=float, default=[], metavar="W",
@@ -144,8 +145,9 @@ def main(argv=None):
             raise InputError(f"--steps {args.steps}: must be at least 1")
         if args.num_images < 1:
             raise InputError(f"--num-images {args.num_images}: must be at least 1")
-        if not args.subject:
-            raise InputError("give --subject PATH (an image or a folder of images) and --subject-text WORD")
+        if not args.subject and not os.path.isfile(os.path.join(args.weights, "ctx_embeddings.safetensors")):
+            raise InputError("give --subject PATH (an image or a folder of images) and --subject-text WORD; "
+                             f"{args.weights} is not a fine-tuned model that carries its subject")
         if len(args.subject_text) != len(args.subject):
             raise InputError(f"{len(args.subject)} --subject but {len(args.subject_text)} --subject-text: give one word per subject")
         if args.subject_weight and len(args.subject_weight) != len(args.subject):
@@ -172,7 +174,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     array = model.generate(
-        args.prompt, subjects, args.subject_text, target_text=args.target_text,
+        args.prompt, subjects or None, args.subject_text or None, target_text=args.target_text,
         subject_weights=args.subject_weight or None, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, seed=args.seed, height=args.height, width=args.width, scheduler=args.scheduler,
         num_images=args.num_images, center_crop=args.center_crop, output="np")

@@ -140,3 +140,21 @@ def test_missing_vocab_and_files_named(tiny_pipeline, tmp_path):
     (copy / "tokenizer" / "merges.txt").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer/merges.txt: missing; see weights/README.md"):
         BlipDiffusion.from_pretrained(str(copy))
+
+
+def test_save_pretrained_round_trip_and_fine_tuned_subject(models, tmp_path):
+    _, ours = models
+    out = tmp_path / "saved"
+    kw = dict(steps=2, seed=1, output="np", progress=False, **SIZE)
+    before = ours.generate("in the snow", [image(0)], "dog", **kw)
+    ours.save_pretrained(str(out))
+    again = BlipDiffusion.from_pretrained(str(out))
+    assert np.abs(again.generate("in the snow", [image(0)], "dog", **kw) - before).max() <= 1e-6
+    # A model that carries its subject generates it with no subject images.
+    again.ctx_embeddings = torch.nn.Parameter(ours.subject_embeddings([image(0)], "dog"), requires_grad=False)
+    again.subject_text = "dog"
+    again.save_pretrained(str(out))  # over the previous contents
+    tuned = BlipDiffusion.from_pretrained(str(out))
+    assert tuned.subject_text == "dog"
+    assert np.abs(tuned.generate("in the snow", **kw) - before).max() <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no temporary folders left
