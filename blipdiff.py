@@ -299,8 +299,9 @@ class BlipDiffusion(nn.Module):
         ).eval()
 
     def save_pretrained(self, folder):
-        """Write the published folder layout (safetensors weights), atomically: a crash leaves the
-        previous contents of `folder` as they were. from_pretrained reads it back."""
+        """Write the published folder layout (safetensors weights); from_pretrained reads it back.
+        Everything is written to a temporary folder first, so a crash or a full disk leaves the
+        previous contents of `folder` as they were; other files in `folder` are kept."""
         def part(tmp, name, module, weights):
             os.makedirs(os.path.join(tmp, name))
             write_json(os.path.join(tmp, name, "config.json"), asdict(module.config))
@@ -333,7 +334,7 @@ class BlipDiffusion(nn.Module):
                 save_file({"ctx_embeddings": self.ctx_embeddings.detach().float().cpu().contiguous()},
                           os.path.join(tmp, CTX_FILE), metadata={"subject_text": self.subject_text or ""})
 
-        write_folder_atomically(folder, write)
+        write_folder_atomically(folder, write, merge=True)
 
     @property
     def device(self):

@@ -142,25 +142,34 @@ def load_strict(model, sd, source):
     return model
 
 
-def write_folder_atomically(folder, write):
+def write_folder_atomically(folder, write, merge=False):
     """Call write(tmp) to fill a fresh temporary folder, then put it in place of `folder`.
 
     A crash or a full disk during `write` leaves the previous `folder` untouched (the half-written
-    temporary folder is removed). The swap itself is two renames; between them the previous
-    version survives as `folder.old-*`."""
+    temporary folder is removed). Without `merge` the whole folder is swapped (two renames; between
+    them the previous version survives as `.NAME.old-*`). With `merge` each entry of the new folder
+    replaces its namesake and everything else in `folder` stays (a model saved into a training run's
+    folder keeps its checkpoints)."""
     folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
+    parent, name = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    old = None
     try:
         write(tmp)
-    except BaseException:
+        if not os.path.exists(folder):
+            os.replace(tmp, folder)
+            return
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        if not merge:
+            os.replace(folder, os.path.join(old, name))
+            os.replace(tmp, folder)
+            return
+        for entry in os.listdir(tmp):
+            if os.path.lexists(os.path.join(folder, entry)):
+                os.replace(os.path.join(folder, entry), os.path.join(old, entry))
+            os.replace(os.path.join(tmp, entry), os.path.join(folder, entry))
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(folder):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
-        os.replace(folder, os.path.join(old, "x"))
-    os.replace(tmp, folder)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
