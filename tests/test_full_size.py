@@ -4,12 +4,23 @@ The fast tests check the full-size key sets and parameter counts on the meta dev
 forward passes on small models; these run the real sizes once, with the reference's random
 initialisation copied into ours."""
 
+import os
+
 import pytest
 import torch
 
 from reference import assert_close, perturb
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def all_threads():
+    # Full-size models do want every core (conftest.py sets one thread for the tiny ones).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count())
+    yield
+    torch.set_num_threads(saved)
 
 
 def copy_into(ours_cls, ref, *args, drop=()):

@@ -1,0 +1,160 @@
+"""train.py on the tiny model: losses fall, processes agree, resume is exact, faults are handled."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from checkpoint import read_tensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--data", "synthetic"]
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def weights(out, step):
+    return read_tensors(os.path.join(out, "checkpoints", f"step-{step:07d}", "trainable.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def subject_pictures(folder, n=3):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        train.synthetic_picture(rng, "ball", "red", "on the grass")[0].save(os.path.join(folder, f"{i}.png"))
+    return str(folder)
+
+
+def test_subject_stage_loss_falls(tmp_path):
+    out = str(tmp_path / "run")
+    assert train.main(["--stage", "subject", *TINY, "--steps", "40", "--batch-size", "4", "--lr", "1e-3",
+                       "--out", out]) == 0
+    got = losses(out)
+    assert len(got) == 40 and np.mean(got[-8:]) < 0.8 * np.mean(got[:8])
+    assert os.path.isfile(os.path.join(out, "samples", "step-0000040.png"))
+
+
+def test_finetune_loss_falls_and_sample_generates_the_subject(tmp_path, capsys):
+    base = str(tmp_path / "base")
+    assert train.main(["--stage", "subject", *TINY, "--steps", "1", "--batch-size", "2", "--out", base]) == 0
+    out = str(tmp_path / "tuned")
+    assert train.main(["--stage", "finetune", "--weights", base, "--subject", subject_pictures(tmp_path / "dog"),
+                       "--subject-text", "ball", "--steps", "30", "--lr", "1e-3", "--out", out]) == 0
+    got = losses(out)
+    assert np.mean(got[-6:]) < np.mean(got[:6])
+    picture = str(tmp_path / "x.npy")
+    assert sample.main(["--weights", out, "--prompt", "on the beach", "--steps", "2", "--height", "32",
+                        "--width", "32", "--out", picture]) == 0
+    assert np.load(picture).shape == (1, 32, 32, 3)
+
+
+def test_two_processes_equal_one_and_torchrun_resume(tmp_path):
+    # The contract of the training issue, with two gloo processes on the CPU.
+    out2 = str(tmp_path / "two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--stage", "subject", *TINY, "--steps", "20", "--batch-size", "4", "--out", out2]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("step ") >= 20 and "step 20/20 | loss" in first.stdout
+    out1 = str(tmp_path / "one")
+    assert train.main(["--stage", "subject", *TINY, "--steps", "20", "--batch-size", "4", "--out", out1]) == 0
+    assert_same_weights(weights(out2, 20), weights(out1, 20), atol=1e-5)
+    cmd[cmd.index("20")] = "30"
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "step 21/30" in resumed.stdout and "step 1/30" not in resumed.stdout
+    assert os.path.isdir(os.path.join(out2, "checkpoints", "step-0000030"))
+
+
+def test_resume_is_exact(tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    args = ["--stage", "subject", *TINY, "--batch-size", "2", "--lr", "1e-4", "--save-every", "5"]
+    assert train.main(args + ["--steps", "10", "--out", straight]) == 0
+    assert train.main(args + ["--steps", "5", "--out", split]) == 0
+    assert train.main(args + ["--steps", "10", "--out", split, "--resume"]) == 0
+    assert_same_weights(weights(straight, 10), weights(split, 10), atol=0)
+    assert losses(straight) == losses(split)
+
+
+def test_bad_data_is_refused_before_any_work(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert train.main(["--stage", "subject", "--model", "tiny", "--data", str(tmp_path / "none.jsonl"),
+                       "--out", out]) == 1
+    assert "no such data file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--stage", "finetune", "--model", "tiny", "--subject", str(tmp_path / "empty"),
+                       "--subject-text", "dog", "--out", out]) == 1
+    assert "holds no images" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "pairs"
+    (data / "img").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(3):
+        pic, _ = train.synthetic_picture(rng, "box", "blue", "in the snow")
+        pic.save(data / "img" / f"{i}.png")
+        records.append({"input": f"img/{i}.png", "target": f"img/{i}.png", "subject": "box", "caption": "a box"})
+    (data / "img" / "1.png").write_bytes(b"not a png")
+    (data / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = str(tmp_path / "out")
+    assert train.main(["--stage", "subject", "--model", "tiny", "--data", str(data), "--steps", "3",
+                       "--batch-size", "3", "--out", out]) == 0
+    assert "unreadable images skipped" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = train.main(["--stage", "subject", *TINY, "--steps", "8", "--batch-size", "2", "--lr", "1e30",
+                       "--save-every", "1", "--out", out])
+    err = capsys.readouterr().err
+    assert code == 1 and "the loss is nan" in err or "the loss is inf" in err
+    step = int(err.split("step ")[1].split(":")[0])
+    assert os.path.isdir(os.path.join(out, "checkpoints", f"step-{step - 1:07d}"))
+    assert not os.path.exists(os.path.join(out, "checkpoints", f"step-{step:07d}"))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    args = ["--stage", "subject", *TINY, "--batch-size", "2", "--save-every", "2", "--out", out]
+    assert train.main(args + ["--steps", "2"]) == 0
+    before = weights(out, 2)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_file", full_disk)
+    with pytest.raises(OSError):
+        train.main(args + ["--steps", "4", "--resume"])
+    assert_same_weights(weights(out, 2), before, atol=0)
+    assert not os.path.exists(os.path.join(out, "checkpoints", "step-0000004"))
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")]
+
+
+def test_resume_with_another_model_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert train.main(["--stage", "subject", *TINY, "--steps", "1", "--batch-size", "2", "--out", out]) == 0
+    shutil.copytree(out, tmp_path / "weights")
+    code = train.main(["--stage", "finetune", "--weights", str(tmp_path / "weights"), "--subject",
+                       subject_pictures(tmp_path / "s"), "--subject-text", "ball", "--steps", "2", "--out", out,
+                       "--resume"])
+    assert code == 1 and "different model or stage" in capsys.readouterr().err
+    torch.manual_seed(0)
