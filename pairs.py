@@ -1,0 +1,331 @@
+"""Prompted context generation: the (input, target) pairs of BLIP-Diffusion's stage-2 pre-training.
+
+BLIP-Diffusion (Li et al. 2023, sec. 3.2) teaches the model to render a subject in a new context by
+showing it the subject cut out and pasted onto a random background (the input, seen by the multimodal
+encoder) and asking it to generate the original image (the target). Per image and subject category:
+
+  1. segment the subject with CLIPSeg, prompted with the category text        -> confidence p
+  2. p >= --high is foreground, p >= --low (or within --band px of its edge) unknown, else background
+                                                                                -> trimap
+  3. closed-form matting (Levin et al. 2008) over the unknown pixels             -> alpha
+  4. estimate the subject's foreground colours and alpha-blend them onto a random background image
+  5. write both images and a record line
+
+The paper publishes neither this code nor its thresholds, resolution or CLIPSeg variant (LAVIS #447);
+the defaults below are this project's choices (reference notes sec. 4).
+
+Data (--data), one of:
+  - a JSONL manifest, one line per image: {"image": "photos/1.jpg", "subject": "dog",
+    "caption": "a dog on a sofa"}; `image` is relative to the manifest's folder, `caption` defaults to
+    "a {subject}";
+  - a folder of images (.png .jpg .jpeg .webp .bmp, not recursive, sorted by name), all of the one
+    category given by --subject, each with the caption "a {subject}".
+
+Output (--out; stage 2 of train.py reads it):
+  records.jsonl   {"input": "inputs/NAME.png", "target": "targets/NAME.png", "subject": ..., "caption": ...}
+                  paths relative to --out; input = the composite, target = the original image, both the
+                  same --size x --size crop (short side resized to --size, then the centre square).
+  skipped.jsonl   {"image": ..., "name": NAME, "reason": ...} for unreadable images and unusable masks.
+NAME is the item's position in --data and its file name (000012_dog). An interrupted run resumes: items
+named in either file are not redone, so rerun with the same --data. Each image is written to a temporary
+file and renamed, and its record line appended only after both exist. The background of item i is drawn
+from (--seed, i), so the output does not depend on --workers.
+"""
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import matting
+from clip import CLIPSeg
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Settings:
+    size: int = 512  # SD-1.5's training resolution, which stage 2 trains at
+    high: float = 0.6  # CLIPSeg probability from which a pixel is fixed as subject
+    low: float = 0.1  # below this, fixed as background; in between the matting decides
+    band: int = 8  # px either side of the subject's edge left to the matting (the notes suggest 8-10 at
+    #                512): CLIPSeg predicts from a 22 x 22 token grid, so its edges are only approximate
+    max_unknown: float = 0.4  # skip images whose unknown region exceeds this fraction: the matte would be
+    #                           a guess, and the solve's cost grows with the unknown pixels
+
+
+class Skip(Exception):
+    """An item that cannot make a pair; the message is the reason written to skipped.jsonl."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------------
+
+def load_rgb(path, size):
+    """The image at `path` as a (size, size, 3) uint8 array: short side resized to `size`, centre crop."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise Skip(f"unreadable image {path}: {e}") from None
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size)))
+
+
+class CLIPSegSegmenter:
+    """CLIPSeg prompted with the category text: image (H, W, 3) uint8 -> subject probability (H, W).
+    The text goes in as it is ("dog"), as the paper says; no "a photo of a {}." template."""
+
+    def __init__(self, folder):
+        self.model = CLIPSeg.from_pretrained(folder)
+
+    def __call__(self, image, subject):
+        p = self.model.segment([Image.fromarray(image)], [subject])  # (1, 352, 352)
+        p = F.interpolate(p[None], size=image.shape[:2], mode="bilinear", align_corners=False)
+        return p[0, 0].numpy()
+
+
+def make_trimap(p, settings):
+    """matting.py's rule (0 background, 128 unknown, 255 subject); Skip if it leaves nothing to matte."""
+    trimap = matting.trimap_from_confidence(p, settings.high, settings.low, settings.band)
+    unknown = np.mean(trimap == 128)
+    if not (trimap == 255).any():
+        raise Skip(f"empty mask: no pixel reaches --high {settings.high} outside the --band")
+    if not (trimap == 0).any():
+        raise Skip(f"no background: every pixel reaches --low {settings.low} or lies in the band")
+    if unknown > settings.max_unknown:
+        raise Skip(f"unknown region {unknown:.0%} of the image > --max-unknown {settings.max_unknown:.0%}")
+    return trimap
+
+
+def matte(image, trimap):
+    """Alpha (H, W) and foreground colours (H, W, 3) in [0, 1] of an image (H, W, 3) in [0, 1]."""
+    try:
+        alpha = matting.estimate_alpha(image, trimap)
+    except RuntimeError as e:  # splu on a singular system: not seen, but one image must not stop a run
+        raise Skip(f"matting failed: {e}") from None
+    fg = matting.estimate_foreground(image, alpha)
+    # Where alpha is 1 the pixel is all subject, so its colour is the subject's: keep it exactly rather
+    # than the smoothed estimate (the subject's own pixels reach the composite unchanged).
+    fg[alpha == 1] = image[alpha == 1]
+    return alpha, fg
+
+
+def make_input(image, background, p, settings):
+    """The composite (H, W, 3) uint8: the subject of `image` matted onto `background`; and its alpha."""
+    trimap = make_trimap(p, settings)
+    alpha, fg = matte(image / 255.0, trimap)
+    blended = matting.composite(fg, background / 255.0, alpha)
+    return np.round(blended * 255).astype(np.uint8), alpha
+
+
+def write_png(array, path):
+    """Write a PNG to a temporary file beside `path`, then rename it: a crash leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+
+def read_data(data, subject=None):
+    """Items {"image", "path", "subject", "caption"} of a JSONL manifest or a folder (see the docstring)."""
+    if os.path.isdir(data):
+        if not subject:
+            raise ValueError(f"{data} is a folder: give its subject category with --subject WORD")
+        files = sorted(f for f in os.listdir(data) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"{data} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+        return [dict(image=f, path=os.path.join(data, f), subject=subject, caption=f"a {subject}")
+                for f in files]
+    if not os.path.isfile(data):
+        raise ValueError(f"--data {data} does not exist")
+    items = []
+    with open(data) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                item = dict(image=item["image"], subject=item["subject"],
+                            caption=item.get("caption", f"a {item['subject']}"))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                need = 'an object with "image" and "subject"'
+                raise ValueError(f"{data} line {n}: not {need} ({e!r})") from None
+            items.append(dict(item, path=os.path.join(os.path.dirname(data), item["image"])))
+    if not items:
+        raise ValueError(f"{data} lists no images")
+    return items
+
+
+def list_backgrounds(folder):
+    if not os.path.isdir(folder):
+        raise ValueError(f"--backgrounds {folder} is not a folder")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"--backgrounds {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(folder, f) for f in files]
+
+
+def item_name(index, image):
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.splitext(os.path.basename(image))[0])[:64]
+    return f"{index:06d}_{stem}"
+
+
+def read_done(path):
+    """Names already in records.jsonl or skipped.jsonl. A last line cut short by a crash is dropped, and
+    cut from the file so that the next line appended starts on a line of its own."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if complete != data:
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    try:
+        lines = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has a damaged line ({e}); delete it to resume") from None
+    return {d["name"] if "name" in d else os.path.splitext(os.path.basename(d["input"]))[0] for d in lines}
+
+
+# Worker state: each process makes its own segmenter (loads CLIPSeg) once, on its first item.
+_worker = {}
+
+
+def init_worker(make_segmenter, settings, out, threads=None):
+    _worker.update(make_segmenter=make_segmenter, segmenter=None, settings=settings, out=out)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def process(task):
+    """One item -> ("records", line) after writing its two images, or ("skipped", line)."""
+    settings, out = _worker["settings"], _worker["out"]
+    try:
+        image = load_rgb(task["path"], settings.size)
+        background = load_rgb(task["background"], settings.size)
+        if _worker["segmenter"] is None:
+            _worker["segmenter"] = _worker["make_segmenter"]()
+        p = _worker["segmenter"](image, task["subject"])
+        pair, _ = make_input(image, background, p, settings)
+    except Skip as e:
+        return "skipped", dict(image=task["image"], name=task["name"], reason=str(e))
+    record = dict(input=f"inputs/{task['name']}.png", target=f"targets/{task['name']}.png",
+                  subject=task["subject"], caption=task["caption"])
+    write_png(pair, os.path.join(out, record["input"]))
+    write_png(image, os.path.join(out, record["target"]))
+    return "records", record
+
+
+def build(items, backgrounds, out, make_segmenter, settings=None, workers=1, seed=0):
+    """Write the pairs of `items` not yet done under `out`; returns {"records": n, "skipped": n} new.
+
+    `make_segmenter()` -> a function (image (H, W, 3) uint8, subject) -> probability (H, W), called once
+    per process; it must pickle for workers > 1 (a class or functools.partial, as CLIPSegSegmenter)."""
+    settings = settings or Settings()
+    os.makedirs(os.path.join(out, "inputs"), exist_ok=True)
+    os.makedirs(os.path.join(out, "targets"), exist_ok=True)
+    paths = {kind: os.path.join(out, f"{kind}.jsonl") for kind in ("records", "skipped")}
+    done = read_done(paths["records"]) | read_done(paths["skipped"])
+    tasks = []
+    for index, item in enumerate(items):
+        name = item_name(index, item["image"])
+        if name not in done:
+            rng = np.random.default_rng([seed, index])  # per item, so independent of --workers and resumes
+            tasks.append(dict(item, name=name, background=backgrounds[rng.integers(len(backgrounds))]))
+    counts = {"records": 0, "skipped": 0}
+    if workers == 1:
+        init_worker(make_segmenter, settings, out)
+        pool, results = None, map(process, tasks)
+    else:  # spawn, not fork: a forked copy of a process that has run torch can hang in its thread pool
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, init_worker, (make_segmenter, settings, out, max(1, (os.cpu_count() or 1) // workers)))
+        results = pool.imap(process, tasks)  # in order, so the line order does not depend on timing
+    files = {kind: open(path, "a") for kind, path in paths.items()}
+    try:
+        for kind, line in tqdm(results, total=len(tasks), desc="pairs", unit="image"):
+            files[kind].write(json.dumps(line) + "\n")
+            files[kind].flush()
+            counts[kind] += 1
+    finally:
+        for f in files.values():
+            f.close()
+        if pool is not None:
+            pool.terminate()
+    return counts
+
+
+def main():
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        description="BLIP-Diffusion's prompted context generation (paper sec. 3.2): subject matted onto a "
+                    "random background (input) paired with the original image (target).",
+        epilog="DATA is a JSONL manifest of {\"image\": path relative to the manifest, \"subject\": \"dog\", "
+               "\"caption\": \"a dog on a sofa\"} lines (caption optional, default \"a {subject}\"), or a "
+               "folder of images of one category given by --subject. Writes OUT/records.jsonl, "
+               "OUT/skipped.jsonl, OUT/inputs/, OUT/targets/; rerunning resumes.")
+    parser.add_argument("--data", required=True, help="JSONL manifest or folder of images")
+    parser.add_argument("--subject", default=None, help="the category of every image when --data is a folder")
+    parser.add_argument("--backgrounds", required=True, help="folder of background images, one drawn per image")
+    parser.add_argument("--clipseg", required=True, help="CLIPSeg folder (CIDAS/clipseg-rd64-refined layout)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--size", type=int, default=defaults.size,
+                        help="side of the square crops (default %(default)s, SD-1.5's)")
+    parser.add_argument("--high", type=float, default=defaults.high,
+                        help="CLIPSeg probability fixed as subject (default %(default)s)")
+    parser.add_argument("--low", type=float, default=defaults.low,
+                        help="below it, fixed as background (default %(default)s)")
+    parser.add_argument("--band", type=int, default=defaults.band,
+                        help="px around the subject's edge left to the matting (default %(default)s)")
+    parser.add_argument("--max-unknown", type=float, default=defaults.max_unknown,
+                        help="skip an image whose unknown region is a larger fraction (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own CLIPSeg")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the background drawn for each image (default %(default)s)")
+    args = parser.parse_args()
+
+    try:
+        if not 0 <= args.low <= args.high <= 1:
+            raise ValueError(f"need 0 <= --low <= --high <= 1, got --low {args.low} --high {args.high}")
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        items = read_data(args.data, args.subject)
+        backgrounds = list_backgrounds(args.backgrounds)
+        if not os.path.isfile(os.path.join(args.clipseg, "config.json")):
+            raise ValueError(f"--clipseg {args.clipseg} holds no config.json; see weights/README.md")
+        if not os.path.isfile(os.path.join(args.clipseg, "vocab.json")):
+            raise ValueError(f"--clipseg {args.clipseg} holds no tokenizer (vocab.json, merges.txt)")
+        settings = Settings(args.size, args.high, args.low, args.band, args.max_unknown)
+        counts = build(items, backgrounds, args.out, functools.partial(CLIPSegSegmenter, args.clipseg),
+                       settings, args.workers, args.seed)
+    except ValueError as e:  # CheckpointError (a bad --clipseg folder) is one too
+        sys.exit(f"error: {e}")
+    print(f"wrote {counts['records']} records to {os.path.join(args.out, 'records.jsonl')}, skipped "
+          f"{counts['skipped']} (reasons in {os.path.join(args.out, 'skipped.jsonl')})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""pairs.py, the prompted-context pair builder: the composite keeps the subject and replaces the background,
+the records and files are as train.py reads them, bad items are skipped, runs resume, and the output does
+not depend on the number of workers. Segmentation is injected as a known confidence map (a random CLIPSeg
+segments nothing meaningful); one test runs the command line end to end with a tiny random CLIPSeg."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pairs
+
+SIZE = 48
+SETTINGS = pairs.Settings(size=SIZE, high=0.6, low=0.1, band=3, max_unknown=0.6)
+
+
+def confidence(size):
+    """A disc of radius size/4 at the centre with a soft 4 px rim: 1 inside, falling to 0 outside."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    return np.clip((size / 4 + 2 - np.hypot(x, y)) / 4, 0, 1)
+
+
+class KnownMask:
+    """A segmenter whose answer is known: the centred disc, where the test images draw their subject;
+    nothing at all for the subject "nothing"."""
+
+    def __call__(self, image, subject):
+        p = confidence(image.shape[0])
+        return p * 0 if subject == "nothing" else p
+
+
+def textured(width, height, seed):
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 120, width)[None, :, None] * rng.uniform(0.3, 1, 3)
+    return np.clip(ramp + rng.integers(0, 100, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def shape_image(width, height, seed):
+    """A coloured disc (the subject) on a textured background, the disc where KnownMask puts it after the
+    centre crop."""
+    image = textured(width, height, seed)
+    y, x = np.mgrid[:height, :width]
+    r = min(width, height) / 4
+    inside = np.hypot(x - (width - 1) / 2, y - (height - 1) / 2) < r
+    image[inside] = np.array([200, 40 * seed % 256, 60], np.uint8)
+    return Image.fromarray(image)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A manifest of four shapes (one landscape, one portrait), a corrupt file and an image whose subject
+    is "nothing"; and a folder of three backgrounds."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "bg").mkdir()
+    lines = []
+    for i, (w, h) in enumerate([(64, 48), (48, 72), (50, 50), (96, 60)]):
+        shape_image(w, h, i).save(tmp_path / "images" / f"shape{i}.png")
+        lines.append(dict(image=f"images/shape{i}.png", subject="ball", caption=f"a ball, number {i}"))
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines.insert(2, dict(image="images/corrupt.png", subject="ball"))
+    shape_image(60, 60, 9).save(tmp_path / "images" / "empty.png")
+    lines.append(dict(image="images/empty.png", subject="nothing"))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
+    for i in range(3):
+        Image.fromarray(textured(70 + 10 * i, 64, 100 + i)).save(tmp_path / "bg" / f"bg{i}.jpg")
+    return tmp_path
+
+
+def run(data, out, workers=1):
+    items = pairs.read_data(str(data / "data.jsonl"))
+    backgrounds = pairs.list_backgrounds(str(data / "bg"))
+    return pairs.build(items, backgrounds, str(out), KnownMask, SETTINGS, workers=workers, seed=3)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_composite_keeps_subject_and_replaces_background():
+    image = np.asarray(shape_image(SIZE, SIZE, 1))
+    background = textured(SIZE, SIZE, 7)
+    p = confidence(SIZE)
+    pair, alpha = pairs.make_input(image, background, p, SETTINGS)
+    trimap = pairs.make_trimap(p, SETTINGS)
+    assert pair.shape == image.shape and pair.dtype == np.uint8
+    # Known pixels keep their trimap value; the band and the rim are solved for.
+    assert (alpha[trimap == 255] == 1).all() and (alpha[trimap == 0] == 0).all()
+    assert (trimap == 128).sum() > 0 and ((alpha > 0) & (alpha < 1)).any()
+    assert (pair[alpha == 1] == image[alpha == 1]).all()
+    assert (pair[alpha == 0] == background[alpha == 0]).all()
+    # The subject's own colours are kept exactly, not the smoothed foreground estimate.
+    fg = pairs.matte(image / 255.0, trimap)[1]
+    assert (fg[alpha == 1] == image[alpha == 1] / 255.0).all()
+    # In between, a blend, not the background.
+    mixed = (alpha > 0.2) & (alpha < 0.8)
+    assert (pair[mixed] != background[mixed]).any(axis=-1).all()
+
+
+def test_trimap_rules_skip_unusable_masks():
+    p = confidence(SIZE)
+    with pytest.raises(pairs.Skip, match="empty mask"):
+        pairs.make_trimap(p * 0.5, SETTINGS)
+    with pytest.raises(pairs.Skip, match="no background"):
+        pairs.make_trimap(np.maximum(p, 0.2), SETTINGS)
+    with pytest.raises(pairs.Skip, match="unknown region"):
+        pairs.make_trimap(p, pairs.Settings(size=SIZE, band=6, max_unknown=0.3))
+
+
+def test_build_writes_records_and_skips(data):
+    out = data / "out"
+    assert run(data, out) == {"records": 4, "skipped": 2}
+    records = read_lines(out / "records.jsonl")
+    names = ["000000_shape0", "000001_shape1", "000003_shape2", "000004_shape3"]
+    assert records == [dict(input=f"inputs/{n}.png", target=f"targets/{n}.png", subject="ball",
+                            caption=f"a ball, number {i}") for i, n in enumerate(names)]
+    background_crops = [pairs.load_rgb(str(data / "bg" / f"bg{i}.jpg"), SIZE) for i in range(3)]
+    trimap = pairs.make_trimap(confidence(SIZE), SETTINGS)
+    inside, outside = trimap == 255, trimap == 0  # known subject and known background
+    for i, record in enumerate(records):
+        target = np.asarray(Image.open(out / record["target"]))
+        pair = np.asarray(Image.open(out / record["input"]))
+        assert target.shape == pair.shape == (SIZE, SIZE, 3)
+        assert (target == pairs.load_rgb(str(data / "images" / f"shape{i}.png"), SIZE)).all()
+        assert (pair[inside] == target[inside]).all()  # the subject, unchanged
+        assert not (pair[outside] == target[outside]).all()  # the background, replaced ...
+        assert any((pair[outside] == bg[outside]).all() for bg in background_crops)  # ... by one of these
+    skipped = read_lines(out / "skipped.jsonl")
+    assert [(s["image"], s["name"]) for s in skipped] == [("images/corrupt.png", "000002_corrupt"),
+                                                          ("images/empty.png", "000005_empty")]
+    assert "unreadable image" in skipped[0]["reason"] and "empty mask" in skipped[1]["reason"]
+    assert sorted(os.listdir(out / "inputs")) == [n + ".png" for n in names]  # no temporary files left
+
+
+def test_resume(data):
+    out = data / "out"
+    run(data, out)
+    stamps = {p: os.stat(out / "inputs" / p).st_mtime_ns for p in os.listdir(out / "inputs")}
+    full = (out / "records.jsonl").read_text()
+    assert run(data, out) == {"records": 0, "skipped": 0}
+    assert (out / "records.jsonl").read_text() == full
+
+    # A lost line (the process died between writing the files and the line): only that item is redone.
+    lines = full.splitlines(keepends=True)
+    (out / "records.jsonl").write_text("".join(lines[:1] + lines[2:]))
+    assert run(data, out) == {"records": 1, "skipped": 0}
+    assert sorted((out / "records.jsonl").read_text().splitlines()) == sorted(full.splitlines())
+    changed = [p for p in stamps if os.stat(out / "inputs" / p).st_mtime_ns != stamps[p]]
+    assert changed == ["000001_shape1.png"]
+
+    # A last line cut short by a crash mid-append: tolerated, and its item redone.
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    (out / "records.jsonl").write_text("".join(lines[:-1]) + lines[-1][:25])
+    assert run(data, out) == {"records": 1, "skipped": 0}
+    assert sorted(read_lines(out / "records.jsonl"), key=str) == sorted(map(json.loads, lines), key=str)
+
+
+def test_workers_do_not_change_the_output(data):
+    run(data, data / "one", workers=1)
+    assert run(data, data / "two", workers=2) == {"records": 4, "skipped": 2}
+    for name in ("records.jsonl", "skipped.jsonl"):
+        assert (data / "one" / name).read_text() == (data / "two" / name).read_text()
+    for folder in ("inputs", "targets"):
+        files = sorted(os.listdir(data / "one" / folder))
+        assert files == sorted(os.listdir(data / "two" / folder)) and len(files) == 4
+        for f in files:
+            assert (data / "one" / folder / f).read_bytes() == (data / "two" / folder / f).read_bytes()
+
+
+def test_command_line_with_clipseg(data, tmp_path, monkeypatch, capsys):
+    from test_clipseg import saved_reference  # here, so that worker processes need not import transformers
+
+    clipseg = tmp_path / "clipseg"
+    clipseg.mkdir()
+    saved_reference(clipseg, "legacy")
+    segmenter = pairs.CLIPSegSegmenter(str(clipseg))
+    image = pairs.load_rgb(str(data / "images" / "shape0.png"), SIZE)
+    p = segmenter(image, "ball")
+    assert p.shape == (SIZE, SIZE) and 0 <= p.min() <= p.max() <= 1
+    with torch.no_grad():  # the upsampled map agrees with CLIPSeg's own 352 x 352 output
+        small = segmenter.model.segment([Image.fromarray(image)], ["ball"])[0].numpy()
+    assert abs(p.mean() - small.mean()) < 0.02
+    # The random model's map is meaningless, so take thresholds from it that leave something to matte.
+    high, low = np.quantile(p, 0.7), np.quantile(p, 0.4)
+    (data / "folder").mkdir()
+    os.replace(data / "images" / "shape0.png", data / "folder" / "shape0.png")
+    out = tmp_path / "out"
+    argv = ["pairs.py", "--data", str(data / "folder"), "--subject", "ball", "--backgrounds", str(data / "bg"),
+            "--clipseg", str(clipseg), "--out", str(out), "--size", str(SIZE), "--high", str(high),
+            "--low", str(low), "--band", "0", "--max-unknown", "0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    pairs.main()
+    assert read_lines(out / "records.jsonl") == [dict(input="inputs/000000_shape0.png",
+                                                      target="targets/000000_shape0.png",
+                                                      subject="ball", caption="a ball")]
+    assert capsys.readouterr().out.startswith(f"wrote 1 records to {out / 'records.jsonl'}, skipped 0")
+
+
+PATH_FLAGS = ("--data", "--backgrounds", "--clipseg", "--out")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--data": "missing.jsonl"}, "does not exist"),
+    ({"--data": "emptydir", "--subject": "dog"}, "holds no images"),
+    ({"--data": "images"}, "--subject"),
+    ({"--data": "bad.jsonl"}, "line 1"),
+    ({"--backgrounds": "missing"}, "is not a folder"),
+    ({"--backgrounds": "emptydir"}, "holds no images"),
+    ({"--clipseg": "emptydir"}, "config.json"),
+    ({"--high": "0.05"}, "--low"),
+])
+def test_bad_input_fails_before_any_work(data, monkeypatch, change, message):
+    (data / "emptydir").mkdir()
+    args = {"--data": "data.jsonl", "--backgrounds": "bg", "--clipseg": "no-clipseg-needed", "--out": "out"}
+    args.update(change)
+    (data / "bad.jsonl").write_text('{"image": "images/shape0.png"}\n')
+    argv = ["pairs.py"]
+    for flag, value in args.items():
+        argv += [flag, str(data / value) if flag in PATH_FLAGS else value]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        pairs.main()
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert not (data / "out").exists()
