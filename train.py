@@ -29,7 +29,6 @@ import glob
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -46,15 +45,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from blipdiff import BlipDiffusion, alphas_cumprod, preprocess_subject, q_sample
-from checkpoint import CheckpointError, read_tensors, write_folder_atomically
-from clip import CTX_BEGIN_POS, MAX_LENGTH, CLIPTextConfig, CLIPTextModel, VisionConfig
-from qformer import Blip2Config, QFormer, QFormerConfig
+from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json
+from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, VisionConfig, VisionTransformer
+from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, AutoencoderKLConfig
 
 # Paper §3.2: "we randomly drop the subject prompt 15% of the time", leaving text-only conditioning.
 SUBJECT_DROP = 0.15
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# BLIP-2 stage 1 (LAVIS blip2_qformer): captions cut to 32 tokens.
+MAX_CAPTION_TOKENS = 32
 
 
 class TrainError(Exception):
@@ -83,18 +84,29 @@ def write_tiny_tokenizers(folder):
     return os.path.join(folder, "tokenizer"), os.path.join(folder, "vocab.txt"), len(vocab), len(bert) + 1
 
 
+def tiny_blip2_config(bert_vocab, width=32):
+    return Blip2Config(
+        qformer_config=QFormerConfig(vocab_size=bert_vocab, hidden_size=width, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, image_size=32, patch_size=8))
+
+
+def no_dropout(module):
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return module
+
+
 def tiny_model(folder, seed=0):
     """A randomly initialised BLIP-Diffusion with the published structure and toy widths.
     Dropout is off so runs are bit-for-bit reproducible across process counts."""
     tok, vocab, clip_vocab, bert_vocab = write_tiny_tokenizers(folder)
     torch.manual_seed(seed)
     width = 32
-    qformer = QFormer(Blip2Config(
-        qformer_config=QFormerConfig(vocab_size=bert_vocab, hidden_size=width, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, image_size=32, patch_size=8)))
+    qformer = QFormer(tiny_blip2_config(bert_vocab, width))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=clip_vocab, hidden_size=width, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=4))
     unet = UNet(UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=width,
@@ -104,11 +116,47 @@ def tiny_model(folder, seed=0):
     vae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
                                             norm_num_groups=8, sample_size=32))
-    model = BlipDiffusion(qformer, text, unet, vae, tok, vocab, image_size=(32, 32))
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    return model
+    return no_dropout(BlipDiffusion(qformer, text, unet, vae, tok, vocab, image_size=(32, 32)))
+
+
+def stage2_from_sd(sd_file, qformer_dir, tokenizer_dir, configs=None):
+    """Stage 2's start as the paper describes it: Stable Diffusion v1.5 (the single-file checkpoint:
+    UNet, VAE, text encoder) and the Q-Former of stage 1 (train.py --stage multimodal --out DIR).
+    `configs` (unet, vae, text_encoder) default to SD-1.5's."""
+    for path in (sd_file, os.path.join(qformer_dir, "qformer"), os.path.join(tokenizer_dir, "vocab.json")):
+        if not os.path.exists(path):
+            raise TrainError(f"{path}: missing; stage 2 from scratch needs --sd, --qformer (a stage-1 output) "
+                             f"and --tokenizer (a CLIP tokenizer folder)")
+    sd = read_tensors(sd_file)
+    unet_cfg, vae_cfg, text_cfg = configs or (None, None, None)
+    return BlipDiffusion(QFormer.from_pretrained(os.path.join(qformer_dir, "qformer")),
+                         CLIPTextModel.from_compvis(sd, text_cfg), UNet.from_compvis(sd, unet_cfg),
+                         AutoencoderKL.from_compvis(sd, vae_cfg), tokenizer_dir,
+                         os.path.join(qformer_dir, "bert_tokenizer", "vocab.txt"))
+
+
+def stage1_model(args):
+    """Stage 1's starting point -> (Blip2Pretraining, path of the Q-Former's vocab.txt).
+    Published: the image encoder from OpenAI CLIP ViT-L/14, the Q-Former from BERT-base (BLIP-2 §3)."""
+    if args.model == "tiny":
+        _, vocab, _, bert_vocab = write_tiny_tokenizers(os.path.join(args.out, ".tiny"))
+        torch.manual_seed(args.seed)
+        return no_dropout(Blip2Pretraining(tiny_blip2_config(bert_vocab))), vocab
+    if not args.bert or not args.clip_vision:
+        raise TrainError("--stage multimodal needs --bert DIR (bert-base-uncased) and --clip-vision DIR "
+                         "(openai/clip-vit-large-patch14), or --model tiny")
+    vocab = os.path.join(args.bert, "vocab.txt")
+    if not os.path.isfile(vocab):
+        raise TrainError(f"{vocab}: missing; the BERT folder must hold its vocab.txt")
+    torch.manual_seed(args.seed)
+    vit = VisionTransformer.from_clip(args.clip_vision)
+    tokens = sum(1 for _ in open(vocab)) + 1  # + [DEC]
+    model = Blip2Pretraining(Blip2Config(qformer_config=QFormerConfig(vocab_size=tokens), vision_config=vit.config))
+    model.qformer.visual_encoder = vit
+    unused, fresh = init_from_bert(model, args.bert)
+    print(f"initialised from BERT; not used: {', '.join(unused) or 'nothing'}; "
+          f"newly initialised: {', '.join(fresh) or 'nothing'}")
+    return model, vocab
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +272,17 @@ def sample_generator(seed, step, index):
 # The trainable parts of each stage, as one module (what DDP wraps) whose forward is the loss
 # ---------------------------------------------------------------------------------------------
 
+class MultimodalStage(nn.Module):
+    """Stage 1: BLIP-2's three losses, ITC + ITG + ITM (qformer.Blip2Pretraining), summed."""
+
+    def __init__(self, pretraining):
+        super().__init__()
+        self.pretraining = pretraining
+
+    def forward(self, pixel_values, ids, mask, generator):
+        return self.pretraining(ids, mask, pixel_values=pixel_values, generator=generator)["loss"]
+
+
 class SubjectStage(nn.Module):
     """Stage 2: ε-prediction loss of the UNet conditioned on the text with the subject inserted."""
 
@@ -316,15 +375,20 @@ def main(argv=None):
                    help="published: start from --weights; tiny: a small random model (CPU, seconds)")
     p.add_argument("--weights", default=None, help="a BLIP-Diffusion folder in the published layout to start from")
     p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), or 'synthetic'")
+    p.add_argument("--sd", default=None, help="subject: SD v1.5's single file (v1-5-pruned-emaonly.safetensors) to start from")
+    p.add_argument("--qformer", default=None, help="subject: a stage-1 output folder (its qformer/ and bert_tokenizer/)")
+    p.add_argument("--tokenizer", default=None, help="subject: SD v1.5's CLIP tokenizer folder (vocab.json, merges.txt)")
+    p.add_argument("--bert", default=None, help="multimodal: a bert-base-uncased folder (config, weights, vocab.txt)")
+    p.add_argument("--clip-vision", default=None, help="multimodal: an openai/clip-vit-large-patch14 folder")
     p.add_argument("--subject", default=None, help="finetune: a folder of images of the subject")
     p.add_argument("--subject-text", default=None, help="finetune: the subject's category word")
     p.add_argument("--out", required=True, help="output folder: the model in the published layout, checkpoints/, log.jsonl")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: subject 500000, finetune 40)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: paper 16; finetune 3)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 250000 / 500000 / 40)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: 2320 / 16 / 3)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each rank")
-    p.add_argument("--lr", type=float, default=None, help="default: stage 2 2e-6 (paper), finetune 5e-6 (LAVIS)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW decay; default 0.01 for finetune (LAVIS), else 0")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then constant (the paper: constant)")
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: 1e-4 BLIP-2 / 2e-6 paper / 5e-6 LAVIS)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW decay (default: 0.05 / 0 / 0.01)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: stage 1 5000, else 0)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
@@ -344,88 +408,109 @@ def main(argv=None):
         return 1
 
 
-def train(args):
-    finetune = args.stage == "finetune"
-    steps = args.steps or (40 if finetune else 500_000)
-    batch_size = args.batch_size or (3 if finetune else 16)
-    lr = args.lr or (5e-6 if finetune else 2e-6)
-    decay = 0.01 if args.weight_decay is None and finetune else (args.weight_decay or 0.0)
-    if args.stage == "multimodal":
-        raise TrainError("--stage multimodal is not implemented yet")
+# Defaults per stage: (steps, global batch, lr, weight decay, warm-up). Stage 1 as BLIP-2 (250k steps,
+# lr 1e-4, decay 0.05, LAVIS' 5000 warm-up steps; its batch of 2320 is over 16 A100s); stage 2 as the
+# paper (constant lr 2e-6, batch 16; 500k steps is our reading, unverified); fine-tuning as LAVIS.
+STAGE_DEFAULTS = {"multimodal": (250_000, 2320, 1e-4, 0.05, 5000), "subject": (500_000, 16, 2e-6, 0.0, 0),
+                  "finetune": (40, 3, 5e-6, 0.01, 0)}
 
-    # Check the data and the start before any work.
-    if finetune:
+
+def setup_distributed():
+    """torchrun sets RANK: then one process per device (NCCL on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def read_records(args):
+    """The stage's data, checked before any work."""
+    if args.stage == "finetune":
         if not args.subject or not args.subject_text:
             raise TrainError("--stage finetune needs --subject FOLDER and --subject-text WORD")
-        records = [{"image": f} for f in subject_folder(args.subject)]
-    elif args.data == "synthetic":
-        records = synthetic_records(args.stage, seed=args.seed)
-    elif args.data:
-        records = read_manifest(args.data, ("input", "target", "subject", "caption"))
-    else:
-        raise TrainError("give --data (a manifest from pairs.py, or 'synthetic')")
-    if args.model == "published" and not args.weights:
-        raise TrainError("give --weights DIR (a published-layout folder), or --model tiny")
+        return [{"image": f} for f in subject_folder(args.subject)]
+    if args.data == "synthetic":
+        return synthetic_records(args.stage, seed=args.seed)
+    if args.data:
+        keys = ("image", "caption") if args.stage == "multimodal" else ("input", "target", "subject", "caption")
+        return read_manifest(args.data, keys)
+    raise TrainError("give --data (a JSONL manifest; pairs.py's records.jsonl for --stage subject) or 'synthetic'")
 
-    # Distributed set-up, the nanoGPT way.
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-        if device != "cpu":
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def train(args):
+    stage = args.stage
+    default_steps, default_batch, default_lr, default_decay, default_warmup = STAGE_DEFAULTS[stage]
+    steps, batch_size = args.steps or default_steps, args.batch_size or default_batch
+    lr = args.lr or default_lr
+    decay = default_decay if args.weight_decay is None else args.weight_decay
+    warmup = default_warmup if args.warmup is None else args.warmup
+    records = read_records(args)
+    if stage != "multimodal" and args.model == "published" and not args.weights and not (
+            stage == "subject" and args.sd and args.qformer and args.tokenizer):
+        raise TrainError("give --weights DIR (a published-layout folder), --model tiny, or for stage 2 "
+                         "--sd FILE --qformer DIR --tokenizer DIR")
+
+    ddp, rank, world, device = setup_distributed()
     master = rank == 0
     if batch_size % (world * args.grad_accum):
         raise TrainError(f"--batch-size {batch_size} must divide by processes x --grad-accum = {world * args.grad_accum}")
     micro = batch_size // (world * args.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
-    # The model: identical initial weights on every rank (seeded build, or the same files).
-    if args.model == "tiny":
-        model = tiny_model(os.path.join(args.out, ".tiny"), seed=args.seed)
+    # The model: identical initial weights on every rank (a seeded build, or the same files), and the
+    # module of its trainable parts that DDP wraps. Frozen parts: eval mode, no gradients.
+    model, frozen, extra = None, [], {}
+    if stage == "multimodal":
+        pre, vocab = stage1_model(args)
+        trainable = MultimodalStage(pre.to(device))
+        frozen = [m for m in pre.qformer.visual_encoder.children() if m is not pre.qformer.visual_encoder.post_layernorm]
+        extra["tokenizer"], extra["vocab"] = QFormerTokenizer.from_file(vocab), vocab
+        configs = {"qformer": asdict(pre.qformer.config)}
     else:
-        model = BlipDiffusion.from_pretrained(args.weights)
-    model.to(device)
-    # The resolution the model was trained at: the UNet's latent size x the VAE's downsampling (SD-1.5: 512).
-    size = args.image_size or model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    for m in (model.vae, model.qformer.visual_encoder):
-        m.eval().requires_grad_(False)
-
-    alphas = alphas_cumprod().to(device)
-    if finetune:
-        # LAVIS before_training: the embeddings of all subject images, averaged once, become a
-        # trainable parameter; the Q-Former is not run again. Caption: "a {subject}", not padded.
-        images = [im for im in (load_image(r["image"]) for r in records) if im is not None]
-        if not images:
-            raise TrainError(f"--subject {args.subject}: no readable images")
-        ctx = model.subject_embeddings(images, args.subject_text).float()
-        model.text_encoder.eval().requires_grad_(False)
-        model.qformer.eval().requires_grad_(False)
-        trainable = FinetuneStage(model, ctx).to(device)
-        tok = model.tokenizer
-        caption_ids = torch.tensor([[tok.bos_id] + tok.encode(f"a {args.subject_text}") + [tok.eos_id]], device=device)
-    else:
-        trainable = SubjectStage(model)
+        if args.model == "tiny":
+            model = tiny_model(os.path.join(args.out, ".tiny"), args.seed)
+        elif args.weights:
+            model = BlipDiffusion.from_pretrained(args.weights)
+        else:
+            model = stage2_from_sd(args.sd, args.qformer, args.tokenizer)
+        model.to(device)
+        frozen = [model.vae, model.qformer.visual_encoder]
+        if stage == "finetune":
+            # LAVIS before_training: the embeddings of all subject images, averaged once, become a
+            # trainable parameter; the Q-Former is not run again. Caption "a {subject}", not padded.
+            images = [im for im in (load_image(r["image"]) for r in records) if im is not None]
+            if not images:
+                raise TrainError(f"--subject {args.subject}: no readable images")
+            ctx = model.subject_embeddings(images, args.subject_text).float()
+            frozen += [model.text_encoder, model.qformer]
+            trainable = FinetuneStage(model, ctx).to(device)
+            tok = model.tokenizer
+            extra["caption_ids"] = torch.tensor([[tok.bos_id] + tok.encode(f"a {args.subject_text}") + [tok.eos_id]],
+                                                device=device)
+        else:
+            trainable = SubjectStage(model)
+        # The resolution the model was trained at: UNet latent size x VAE downsampling (SD-1.5: 512).
+        extra["size"] = args.image_size or model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+        configs = {name: asdict(getattr(model, name).config) for name in ("qformer", "text_encoder", "unet", "vae")}
     trainable.train()
-    for m in (model.vae, model.qformer.visual_encoder, *([model.text_encoder, model.qformer] if finetune else [])):
-        m.eval()  # frozen parts stay in eval mode
+    for m in frozen:
+        m.eval().requires_grad_(False)
     params = [q for q in trainable.parameters() if q.requires_grad]
-    fingerprint = {"stage": args.stage, "configs": json.dumps(
-        {name: asdict(getattr(model, name).config) for name in ("qformer", "text_encoder", "unet", "vae")},
-        sort_keys=True, default=str)}
+    fingerprint = {"stage": stage, "configs": json.dumps(configs, sort_keys=True, default=str)}
 
     if args.zero and ddp:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    # Linear warm-up, then constant (stage 2 and fine-tuning, as published) or cosine to 10% (stage 1, as BLIP-2).
+    cosine = stage == "multimodal"
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))) if cosine else 1.0))
 
     start, ema = 0, None
     if args.resume:
@@ -442,42 +527,7 @@ def train(args):
     net = torch.compile(net) if args.compile else net
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    skipped = 0
-
-    def batch_for(step, indices):
-        """Tensors for this rank's micro-batch; unreadable images are replaced by the next readable
-        record (counted), so a corrupt file never stops training."""
-        nonlocal skipped
-        items = []
-        for i in indices:
-            for j in range(len(records)):
-                rec = records[(i + j) % len(records)]
-                pics = [load_image(rec[k]) for k in (("image",) if finetune else ("input", "target"))]
-                if all(pic is not None for pic in pics):
-                    items.append((rec, pics))
-                    break
-                skipped += 1
-            else:
-                raise TrainError("no readable image in the data")
-        gens = [sample_generator(args.seed, step, i) for i in indices]
-        targets = torch.stack([to_target(pics[-1], size) for _, pics in items]).to(device)
-        with torch.no_grad(), autocast:
-            latents = encode_latents(model.vae, targets, gens)
-        noise, t = noise_and_timesteps(latents, gens)
-        noisy = q_sample(latents, noise, t, alphas)
-        if finetune:
-            return (caption_ids.expand(len(items), -1), noisy, t, noise)
-        inputs = preprocess_subject([pics[0] for _, pics in items], model.image_size, model.mean, model.std)
-        with torch.no_grad(), autocast:
-            image_embeds = model.qformer.visual_encoder(inputs.to(device))
-        qf_ids, qf_mask = model.qformer_tokenizer([rec["subject"] for rec, _ in items])
-        prompts = [f"a {rec['subject']} {rec['caption']}" for rec, _ in items]
-        num_queries = model.qformer.config.num_query_tokens
-        ids_ctx = model.tokenizer(prompts, max_length=MAX_LENGTH - num_queries)
-        ids_plain = model.tokenizer([rec["caption"] for rec, _ in items], max_length=MAX_LENGTH)
-        drop = torch.tensor([float(torch.rand(1, generator=g)) < SUBJECT_DROP for g in gens])
-        return (image_embeds, qf_ids.to(device), qf_mask.to(device), ids_ctx.to(device), ids_plain.to(device),
-                drop.to(device), noisy, t, noise)
+    data = Batches(stage, records, model, trainable, extra, args.seed, device, autocast)
 
     for step in range(start, steps):
         t0 = time.time()
@@ -488,7 +538,7 @@ def train(args):
             chunk = indices[a * micro * world:(a + 1) * micro * world][rank::world]
             sync = a == args.grad_accum - 1 or not ddp
             with (nullcontext() if sync else net.no_sync()), autocast:
-                loss = net(*batch_for(step, chunk)) / args.grad_accum
+                loss = net(*data(step, chunk, rank)) / args.grad_accum
             loss.backward()
             total += loss.item()
         if ddp:
@@ -505,52 +555,138 @@ def train(args):
         if ema is not None:
             with torch.no_grad():
                 for k, v in trainable.state_dict().items():
-                    ema[k].mul_(args.ema).add_(v.detach(), alpha=1 - args.ema) if v.is_floating_point() else ema[k].copy_(v)
+                    if v.is_floating_point():
+                        ema[k].mul_(args.ema).add_(v.detach(), alpha=1 - args.ema)
         done = step + 1
         dt = time.time() - t0
         if master and (done % args.log_every == 0 or done == steps):
             row = {"step": done, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": float(norm),
-                   "images_per_s": batch_size / dt, "step_ms": 1000 * dt, "skipped": skipped}
+                   "images_per_s": batch_size / dt, "step_ms": 1000 * dt, "skipped": data.skipped}
             print(f"step {done}/{steps} | loss {total:.4f} | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
                   f"{row['images_per_s']:.1f} img/s | {row['step_ms']:.0f} ms", flush=True)
             log.write(json.dumps(row) + "\n")
             log.flush()
-        if args.zero and ddp and (done % args.save_every == 0 or done == steps):
+        saving = done % args.save_every == 0 or done == steps
+        if args.zero and ddp and saving:
             optimizer.consolidate_state_dict(to=0)
-        if master and (done % args.save_every == 0 or done == steps):
+        if master and saving:
             save_checkpoint(args.out, done, trainable, optimizer, schedule, ema, fingerprint, args.keep)
         if master and (done == steps or (args.sample_every and done % args.sample_every == 0)):
-            export(model, trainable, ema, finetune, args)
-            write_sample(model, records, finetune, args, done, size)
+            with ema_weights(trainable, ema):
+                export(stage, model, trainable, extra, args)
+                if model is not None:
+                    write_sample(model, records, args, done, extra["size"])
     if master:
-        print(f"trained {args.stage} for {steps} steps; the model is in {args.out} (load it with sample.py --weights "
-              f"{args.out}), checkpoints in {args.out}/checkpoints, log in {args.out}/log.jsonl"
-              + (f"; {skipped} unreadable images skipped" if skipped else ""))
+        print(f"trained {stage} for {steps} steps: the model is in {args.out}"
+              + ("" if stage == "multimodal" else f" (sample.py --weights {args.out})")
+              + f", checkpoints in {args.out}/checkpoints, log in {args.out}/log.jsonl"
+              + (f"; {data.skipped} unreadable images skipped" if data.skipped else ""))
     if ddp:
         dist.destroy_process_group()
     return 0
 
 
-def export(model, trainable, ema, finetune, args):
-    """The trained model, in the published layout, into --out (EMA weights when kept)."""
-    if ema is not None:
-        saved = {k: v.clone() for k, v in trainable.state_dict().items()}
-        trainable.load_state_dict(ema)
-    if finetune:
+class Batches:
+    """Turns the indices of this rank's share of a step into the tensors its stage's forward takes.
+    An unreadable image is replaced by the next readable record and counted, never a crash."""
+
+    def __init__(self, stage, records, model, trainable, extra, seed, device, autocast):
+        self.stage, self.records, self.model, self.trainable, self.extra = stage, records, model, trainable, extra
+        self.seed, self.device, self.autocast = seed, device, autocast
+        self.alphas = alphas_cumprod().to(device)
+        self.skipped = 0
+
+    def readable(self, index):
+        keys = {"multimodal": ("image",), "finetune": ("image",), "subject": ("input", "target")}[self.stage]
+        for j in range(len(self.records)):
+            rec = self.records[(index + j) % len(self.records)]
+            pics = [load_image(rec[k]) for k in keys]
+            if all(pic is not None for pic in pics):
+                return rec, pics
+            self.skipped += 1
+        raise TrainError("no readable image in the data")
+
+    def __call__(self, step, indices, rank):
+        items = [self.readable(i) for i in indices]
+        if self.stage == "multimodal":
+            pre = self.trainable.pretraining
+            pixels = preprocess_subject([pics[0] for _, pics in items], (pre.qformer.config.vision_config.image_size,) * 2)
+            ids, mask = self.extra["tokenizer"]([rec["caption"] for rec, _ in items])
+            # ITM's hard negatives come from this rank's batch: one generator per (step, rank).
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, rank]).generate_state(1)[0]))
+            return (pixels.to(self.device), ids[:, :MAX_CAPTION_TOKENS].to(self.device),
+                    mask[:, :MAX_CAPTION_TOKENS].to(self.device), gen)
+        model = self.model
+        gens = [sample_generator(self.seed, step, i) for i in indices]
+        targets = torch.stack([to_target(pics[-1], self.extra["size"]) for _, pics in items]).to(self.device)
+        with torch.no_grad(), self.autocast:
+            latents = encode_latents(model.vae, targets, gens)
+        noise, t = noise_and_timesteps(latents, gens)
+        noisy = q_sample(latents, noise, t, self.alphas)
+        if self.stage == "finetune":
+            return (self.extra["caption_ids"].expand(len(items), -1), noisy, t, noise)
+        inputs = preprocess_subject([pics[0] for _, pics in items], model.image_size, model.mean, model.std)
+        with torch.no_grad(), self.autocast:
+            image_embeds = model.qformer.visual_encoder(inputs.to(self.device))
+        qf_ids, qf_mask = model.qformer_tokenizer([rec["subject"] for rec, _ in items])
+        # Our choice (the paper does not say where the subject prompt goes in pre-training): the
+        # inference template "a {subject} {caption}" with the subject embeddings after "a".
+        prompts = [f"a {rec['subject']} {rec['caption']}" for rec, _ in items]
+        ids_ctx = model.tokenizer(prompts, max_length=MAX_LENGTH - model.qformer.config.num_query_tokens)
+        ids_plain = model.tokenizer([rec["caption"] for rec, _ in items], max_length=MAX_LENGTH)
+        drop = torch.tensor([float(torch.rand(1, generator=g)) < SUBJECT_DROP for g in gens])
+        return (image_embeds, qf_ids.to(self.device), qf_mask.to(self.device), ids_ctx.to(self.device),
+                ids_plain.to(self.device), drop.to(self.device), noisy, t, noise)
+
+
+class ema_weights:
+    """Within the block the trainable module holds its EMA weights (when kept)."""
+
+    def __init__(self, trainable, ema):
+        self.trainable, self.ema, self.saved = trainable, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.saved = {k: v.clone() for k, v in self.trainable.state_dict().items()}
+            self.trainable.load_state_dict(self.ema)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.trainable.load_state_dict(self.saved)
+
+
+def export(stage, model, trainable, extra, args):
+    """The trained model into --out: the published BLIP-Diffusion layout (stages 2 and fine-tuning),
+    or stage 1's Q-Former in the layout of the published `qformer/` folder plus BERT's vocab.txt
+    (the start of stage 2) and the pre-training heads (to continue stage 1)."""
+    if stage == "multimodal":
+        pre = trainable.pretraining
+
+        def write(tmp):
+            os.makedirs(os.path.join(tmp, "qformer"))
+            write_json(os.path.join(tmp, "qformer", "config.json"), asdict(pre.qformer.config))
+            save_file({k: v.detach().contiguous().cpu() for k, v in pre.qformer.state_dict().items()},
+                      os.path.join(tmp, "qformer", "model.safetensors"))
+            os.makedirs(os.path.join(tmp, "bert_tokenizer"))
+            shutil.copyfile(extra["vocab"], os.path.join(tmp, "bert_tokenizer", "vocab.txt"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in pre.state_dict().items()
+                       if not k.startswith("qformer.")}, os.path.join(tmp, "blip2_heads.safetensors"))
+
+        write_folder_atomically(args.out, write, merge=True)
+        return
+    if stage == "finetune":
         model.ctx_embeddings = nn.Parameter(trainable.ctx_embeddings.detach().clone(), requires_grad=False)
         model.subject_text = args.subject_text
     model.save_pretrained(args.out)
-    if ema is not None:
-        trainable.load_state_dict(saved)
 
 
-def write_sample(model, records, finetune, args, step, size):
+def write_sample(model, records, args, step, size):
     """A picture of what the model makes now, so a person can watch training work."""
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     kw = dict(steps=25, seed=0, height=size, width=size, progress=False)
-    if finetune:
+    if args.stage == "finetune":
         image = model.generate("on the beach", **kw)[0]
     else:
         rec = records[0]

@@ -158,3 +158,32 @@ def test_resume_with_another_model_is_refused(tmp_path, capsys):
                        "--resume"])
     assert code == 1 and "different model or stage" in capsys.readouterr().err
     torch.manual_seed(0)
+
+
+def test_multimodal_stage_loss_falls_and_feeds_stage_two(tmp_path):
+    from safetensors.torch import save_file
+
+    import unet as unet_module
+    import vae as vae_module
+    from clip import CLIPTextModel
+
+    stage1 = str(tmp_path / "stage1")
+    assert train.main(["--stage", "multimodal", *TINY, "--steps", "30", "--batch-size", "8", "--lr", "1e-3",
+                       "--warmup", "0", "--out", stage1]) == 0
+    got = losses(stage1)
+    assert np.mean(got[-5:]) < 0.95 * np.mean(got[:5])
+    # Stage 2 from "Stable Diffusion" (a tiny model written in the CompVis single-file layout) + stage 1.
+    sd_model = train.tiny_model(str(tmp_path / "sd"), seed=3)
+    levels = len(sd_model.vae.config.block_out_channels)
+    single = {unet_module.COMPVIS_PREFIX + unet_module.compvis_key(k, sd_model.unet.config): v
+              for k, v in sd_model.unet.state_dict().items()}
+    single |= {"first_stage_model." + vae_module.compvis_name(k, levels): v.reshape(*v.shape, 1, 1)
+               if v.dim() == 2 else v for k, v in sd_model.vae.state_dict().items()}
+    single |= {CLIPTextModel.COMPVIS_PREFIX + k: v for k, v in sd_model.text_encoder.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in single.items()}, str(tmp_path / "sd.safetensors"))
+    model = train.stage2_from_sd(str(tmp_path / "sd.safetensors"), stage1, str(tmp_path / "sd" / "tokenizer"),
+                                 (sd_model.unet.config, sd_model.vae.config, sd_model.text_encoder.config))
+    trained = read_tensors(os.path.join(stage1, "qformer", "model.safetensors"))
+    assert all(torch.equal(model.qformer.state_dict()[k], v) for k, v in trained.items())
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in sd_model.unet.state_dict().items())
+    assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in sd_model.vae.state_dict().items())
