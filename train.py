@@ -391,6 +391,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: stage 1 5000, else 0)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trainable module")
     p.add_argument("--image-size", type=int, default=None, help="diffusion target size (default: the model's, 512 for SD-1.5)")
@@ -493,6 +494,7 @@ def train(args):
                                                 device=device)
         else:
             trainable = SubjectStage(model)
+        model.unet.gradient_checkpointing = args.grad_checkpoint
         # The resolution the model was trained at: UNet latent size x VAE downsampling (SD-1.5: 512).
         extra["size"] = args.image_size or model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
         configs = {name: asdict(getattr(model, name).config) for name in ("qformer", "text_encoder", "unet", "vae")}

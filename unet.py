@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from checkpoint import config_from_dict, load_strict, read_folder
 
@@ -280,9 +281,9 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(cout)] if add_upsample else [])
 
     def forward(self, x, emb, context, skips, size=None, controller=None):
-        # Pops this level's skip connections off the end of the shared `skips` list.
+        # `skips`: this level's skip connections, in encoder order; eaten from the last.
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), emb)
             if self.attentions:
                 x = self.attentions[j](x, context, controller)
         for up in self.upsamplers:
@@ -310,6 +311,7 @@ class UNet(nn.Module):
             for i, kind in enumerate(cfg.up_block_types)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # train.py --grad-checkpoint turns it on
         # Registration order is forward order (down, mid, up; attn1 before attn2), so numbering the
         # attention layers as named_modules lists them gives the controller a running index.
         attentions = [(name, m) for name, m in self.named_modules() if isinstance(m, Attention)]
@@ -330,20 +332,28 @@ class UNet(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, out = block(x, emb, encoder_hidden_states, controller)
+            x, out = self.run(block, x, emb, encoder_hidden_states, controller)
             skips += out
         if down_block_additional_residuals is not None:
             # strict: diffusers' zip would silently drop residuals beyond a too-short list.
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
-        x = self.mid_block(x, emb, encoder_hidden_states, controller)
+        x = self.run(self.mid_block, x, emb, encoder_hidden_states, controller)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
         for block in self.up_blocks:
-            # The skips are popped from the end; the upsampler aims at the next level's size.
-            level = skips[:len(skips) - len(block.resnets)]
-            size = level[-1].shape[-2:] if level else None
-            x = block(x, emb, encoder_hidden_states, skips, size, controller)
+            # Each level takes the last skips off the stack; its upsampler aims at the size of the
+            # skip waiting at the next level.
+            skips, level = skips[:-len(block.resnets)], skips[-len(block.resnets):]
+            size = skips[-1].shape[-2:] if skips else None
+            x = self.run(block, x, emb, encoder_hidden_states, level, size, controller)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def run(self, block, *args):
+        """A block, or with `gradient_checkpointing` in training its recomputation in the backward pass
+        (activations are not kept: much less memory for about a third more compute)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     @classmethod
     def from_pretrained(cls, folder):

@@ -208,3 +208,19 @@ def test_from_compvis_parity_and_strictness(pair):
     extra = dict(single_file, **{COMPVIS_PREFIX + "input_blocks.99.0.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="input_blocks.99.0.weight"):
         UNet.from_compvis(extra, cfg)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, attention_head_dim=2,
+                     norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    model = UNet(cfg).train()
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    grads = []
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        model.zero_grad()
+        model(x, 10, text).square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
