@@ -142,6 +142,20 @@ def load_strict(model, sd, source):
     return model
 
 
+def write_atomically(path, write):
+    """Call write(tmp) on a temporary file beside `path` (same extension), then rename it into place:
+    a crash never leaves a half-written file under `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_folder_atomically(folder, write, merge=False):
     """Call write(tmp) to fill a fresh temporary folder, then put it in place of `folder`.
 

@@ -23,7 +23,6 @@ Conventions: images are float (H, W, 3) in [0, 1]. Trimaps are (H, W): uint8 wit
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -31,6 +30,8 @@ import scipy.ndimage as ndi
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 from PIL import Image
+
+from checkpoint import write_atomically
 
 EPS = 1e-7  # colour-line regulariser of every reference (MATLAB getLaplacian1.m, pymatting cf_laplacian)
 
@@ -246,17 +247,8 @@ def _load(path, mode):
         raise ValueError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG") from None
 
 
-def _save_atomic(array, path):
-    """Write a PNG to a temporary file next to `path`, then rename it, so no half-written file is left."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_png(array, path):
+    write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def main():
@@ -287,10 +279,10 @@ def main():
         fg = estimate_foreground(image, alpha) if args.foreground else None
     except ValueError as e:
         sys.exit(f"error: {e}")
-    _save_atomic(np.round(alpha * 255).astype(np.uint8), args.out)
+    write_png(np.round(alpha * 255).astype(np.uint8), args.out)
     written = f"alpha to {args.out}"
     if fg is not None:
-        _save_atomic(np.round(fg * 255).astype(np.uint8), args.foreground)
+        write_png(np.round(fg * 255).astype(np.uint8), args.foreground)
         written += f", foreground to {args.foreground}"
     print(f"wrote {written}")
 

@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,18 +132,6 @@ def make_input(image, background, p, settings):
     return np.round(blended * 255).astype(np.uint8), alpha
 
 
-def write_png(array, path):
-    """Write a PNG to a temporary file beside `path`, then rename it: a crash leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------
@@ -235,8 +222,8 @@ def process(task):
         return "skipped", dict(image=task["image"], name=task["name"], reason=str(e))
     record = dict(input=f"inputs/{task['name']}.png", target=f"targets/{task['name']}.png",
                   subject=task["subject"], caption=task["caption"])
-    write_png(pair, os.path.join(out, record["input"]))
-    write_png(image, os.path.join(out, record["target"]))
+    matting.write_png(pair, os.path.join(out, record["input"]))
+    matting.write_png(image, os.path.join(out, record["target"]))
     return "records", record
 
 

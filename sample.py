@@ -12,12 +12,13 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from checkpoint import write_atomically
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
@@ -57,19 +58,6 @@ def check_output(path):
         raise InputError(f"--out {path}: cannot write to {folder}; create it or choose another place")
 
 
-def save_atomic(path, write):
-    """write(tmp_path) then rename, so a crash never leaves a half-written file under `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def grid(images):
     """N images in a near-square grid, row by row."""
     cols = math.ceil(math.sqrt(len(images)))
@@ -85,16 +73,16 @@ def write_outputs(path, array):
     """.npy: the float32 (N, H, W, 3) array in [0, 1]. An image: the picture (a grid when N > 1,
     with each image beside it as NAME-k.EXT). Returns the paths written."""
     if path.lower().endswith(".npy"):
-        save_atomic(path, lambda tmp: np.save(tmp, array.astype(np.float32)))
+        write_atomically(path, lambda tmp: np.save(tmp, array.astype(np.float32)))
         return [path]
     images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
     written = []
     if len(images) > 1:
         stem, ext = os.path.splitext(path)
         for k, im in enumerate(images):
-            save_atomic(f"{stem}-{k}{ext}", im.save)
+            write_atomically(f"{stem}-{k}{ext}", im.save)
             written.append(f"{stem}-{k}{ext}")
-    save_atomic(path, (grid(images) if len(images) > 1 else images[0]).save)
+    write_atomically(path, (grid(images) if len(images) > 1 else images[0]).save)
     return [path] + written
 
 
