@@ -8,8 +8,8 @@ Two rules this file enforces, where the reference libraries are lenient:
 - Nothing is unpickled except through `torch.load(weights_only=True)`, which refuses arbitrary
   objects; safetensors files hold no code at all.
 - Loading is strict: every tensor in the file is used, every parameter of the model is filled, every
-  shape matches, and an error names the file and the offending keys (diffusers and LAVIS load with
-  `strict=False` in places, which is how missing weights go unnoticed).
+  shape matches, and an error names the file and the offending keys (diffusers and LAVIS load
+  non-strictly in places, which is how missing weights go unnoticed).
 """
 
 import dataclasses
