@@ -25,6 +25,7 @@ resumed run continues exactly.
 """
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -44,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from blipdiff import BlipDiffusion, alphas_cumprod, preprocess_subject, q_sample
+from blipdiff import NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, preprocess_subject, q_sample
 from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json
 from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
@@ -253,14 +254,16 @@ def to_target(image, size):
     return torch.from_numpy(x).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_records, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
 def step_indices(num_records, batch_size, step, seed):
     """The global batch of optimizer step `step`: consecutive slices of a per-epoch permutation, so
     the data position is a function of the step alone (exact resume, no sampler state)."""
-    out = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(k, num_records)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(num_records)[i]))
-    return out
+    positions = (divmod(k, num_records) for k in range(step * batch_size, (step + 1) * batch_size))
+    return [int(epoch_order(num_records, seed, epoch)[i]) for epoch, i in positions]
 
 
 def sample_generator(seed, step, index):
@@ -323,7 +326,8 @@ def encode_latents(vae, images, gens):
 
 def noise_and_timesteps(latents, gens):
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
-    t = torch.tensor([int(torch.randint(0, 1000, (1,), generator=g)) for g in gens], device=latents.device)
+    t = torch.tensor([int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)) for g in gens],
+                     device=latents.device)
     return noise, t
 
 
@@ -501,14 +505,18 @@ def train(args):
     trainable.train()
     for m in frozen:
         m.eval().requires_grad_(False)
-    params = [q for q in trainable.parameters() if q.requires_grad]
+    named = [(n, q) for n, q in trainable.named_parameters() if q.requires_grad]
+    params = [q for _, q in named]
+    # As LAVIS: weight decay on matrices (and the subject embeddings), not on biases and norm scales.
+    groups = [{"params": [q for _, q in named if q.dim() >= 2], "weight_decay": decay},
+              {"params": [q for _, q in named if q.dim() < 2], "weight_decay": 0.0}]
     fingerprint = {"stage": stage, "configs": json.dumps(configs, sort_keys=True, default=str)}
 
     if args.zero and ddp:
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=decay)
+        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr)
     else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr)
     # Linear warm-up, then constant (stage 2 and fine-tuning, as published) or cosine to 10% (stage 1, as BLIP-2).
     cosine = stage == "multimodal"
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
