@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from checkpoint import WEIGHTS_HELP, CheckpointError, find_weights, read_json, write_folder_atomically, write_json
 from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, MAX_LENGTH, CLIPTextModel, CLIPTokenizer
+from controlnet import control_pixels
 from qformer import QFormer, QFormerTokenizer
 from unet import UNet
 from vae import AutoencoderKL
@@ -389,13 +390,17 @@ class BlipDiffusion(nn.Module):
     def generate(self, prompt, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
                  negative_prompt="", steps=50, guidance=7.5, seed=0, height=512, width=512, scheduler="pndm",
                  num_images=1, prompt_strength=1.0, prompt_reps=PROMPT_REPS, center_crop=False,
-                 ctx_embeddings=None, output="pil", progress=True):
+                 ctx_embeddings=None, controlnet=None, control_image=None, control_scale=1.0, controller=None,
+                 output="pil", progress=True):
         """Render the subject in the context the prompt describes.
 
         subject_images: PIL images of one subject (their embeddings are averaged), or a list of such
         lists for several subjects mixed by `subject_weights`. subject_text: the category word (one per
         subject). target_text: the word written into the prompt (default: the first subject's).
         ctx_embeddings: precomputed (1, 16, 768) subject embeddings instead of images.
+        controlnet, control_image (PIL), control_scale: structure control (controlnet.py), e.g. a canny
+        ControlNet and `controlnet.canny_control_image(picture)`; the residuals are scaled by control_scale.
+        controller: `controller(probs, place) -> probs` on every UNet attention map (unet.Attention).
         Returns PIL images (output="pil"), or a float32 array (N, H, W, 3) in [0, 1] (output="np").
         """
         if height % 8 or width % 8 or height <= 0 or width <= 0:
@@ -417,9 +422,19 @@ class BlipDiffusion(nn.Module):
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         shape = (self.unet.config.in_channels, height // factor, width // factor)
         latents = initial_latents(num_images, shape, seed).to(self.device, self.dtype)
+        if (controlnet is None) != (control_image is None):
+            raise ValueError("structure control needs both a controlnet and a control_image")
+        if controlnet is not None:
+            cond = control_pixels(control_image, height, width).to(self.device, self.dtype)
         for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress):
             x_in = torch.cat([latents] * 2) if guidance > 1.0 else latents
-            eps = self.unet(x_in, t, text)
+            residuals = {}
+            if controlnet is not None:
+                # As the reference: the ControlNet sees the UNet's latents, timestep and text states
+                # (the subject-augmented ones), and the control image on every row, unconditional too.
+                down, mid = controlnet(x_in, t, text, cond.expand(len(x_in), -1, -1, -1), control_scale)
+                residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            eps = self.unet(x_in, t, text, **residuals, controller=controller)
             if guidance > 1.0:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
