@@ -1,0 +1,347 @@
+"""Subject-driven editing (BLIP-Diffusion sec. 3.3): prompt-to-prompt (Hertz et al. 2022) with the
+subject embeddings in the target prompt, on a generated image or on a real one inverted with DDIM.
+
+Two branches denoise from the same latent: the source "a {src} {prompt}" (plain CLIP, 77 tokens) and
+the target "a [16 subject embeddings] {tgt} {prompt}". Controllers passed into the UNet
+(`UNet.forward(..., controller=...)`) act on the target's conditional attention maps:
+- cross-attention refinement (LAVIS' AttentionRefine), first 80% of the steps: for each token the
+  target shares with the source (`token_alignment`) the target reads the source's map, so the layout
+  of the words that stay is kept; new tokens (the subject embeddings, the new word) keep their own;
+- self-attention injection, first 40%: at the low resolutions the target takes the source's
+  self-attention maps, which carry the composition;
+- local blend (LocalBlend), after every step: the source subject word's cross-attention, summed over
+  the steps so far (AttentionStore), gives a mask; outside it the target latent is reset to the source's.
+
+Must behave as LAVIS' `generate_then_edit` / `edit` (blip_diffusion.py, ptp_utils.py; see
+../shared/reference/blip-diffusion.md sec. 5.5), except where LAVIS is wrong (sec. 7), which the code
+says at each place: the token alignment, the inversion prompt, the VAE latent, the DDIM path.
+
+Letters in shape comments: B batch, h heads, N query positions, L text positions (77), C channels,
+H x W the latent.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from blipdiff import DDIM, build_prompt, ddim_step, initial_latents, make_sampler, to_rgb
+from clip import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS
+
+# LAVIS' defaults (generate_then_edit / edit): refine cross-attention for 80% of the steps, inject
+# self-attention for 40%, keep the pixels whose normalised word attention is above 0.3.
+CROSS_REPLACE, SELF_REPLACE, THRESHOLD = 0.8, 0.4, 0.3
+# Resolutions, as the factor by which a UNet level is smaller than the latent. LAVIS (at 512 px, a
+# 64x64 latent) takes the mask from the 16x16 maps and injects self-attention where the key length is
+# <= 256, i.e. 16x16 and 8x8: both rules are "4 times below the latent", which we keep at any size.
+MASK_DOWNSAMPLE, SELF_DOWNSAMPLE = 4, 4
+# Stands for a subject embedding in the target's token list; equal to no token id.
+SUBJECT_TOKEN = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Token alignment between the source and the target sequences
+# ---------------------------------------------------------------------------------------------
+
+def align_tokens(src, tgt):
+    """Global alignment (Needleman-Wunsch; match +1, mismatch -1, gap 0, prompt-to-prompt's scores,
+    which make it a longest common subsequence) of two token lists -> (mapper, alpha), one entry per
+    target position j: alpha[j] = 1 and mapper[j] = i when target token j is matched with source
+    token i; alpha[j] = 0 (mapper 0, unused) for a target token the source lacks."""
+    m, n = len(src), len(tgt)
+    score = np.zeros((m + 1, n + 1), dtype=np.int64)
+    for i in range(1, m + 1):
+        for j in range(1, n + 1):
+            diag = score[i - 1, j - 1] + (1 if src[i - 1] == tgt[j - 1] else -1)
+            score[i, j] = max(diag, score[i - 1, j], score[i, j - 1])
+    mapper, alpha = [0] * n, [0.0] * n
+    i, j = m, n
+    while i > 0 and j > 0:  # trace back, preferring a match wherever it lies on an optimal path
+        if src[i - 1] == tgt[j - 1] and score[i, j] == score[i - 1, j - 1] + 1:
+            mapper[j - 1], alpha[j - 1] = i - 1, 1.0
+            i, j = i - 1, j - 1
+        elif score[i, j] == score[i - 1, j]:
+            i -= 1
+        else:
+            j -= 1
+    return mapper, alpha
+
+
+def token_alignment(tokenizer, src_text, tgt_text, num_ctx=NUM_QUERY_TOKENS):
+    """(mapper, alpha), each of length 77, over the sequences the text encoder really reads:
+    source [BOS, src ids (<= 75), EOS, pad...], target [BOS, a, subject x num_ctx, rest of the tgt ids
+    (<= 59 in all), EOS, pad...]. A target token shared with the source therefore reads the source
+    position 16 before it (for an unchanged word after the subject).
+
+    LAVIS differs (a bug): it aligns the strings "a {src} ..." and "a sks x16 {tgt} ...", tokenized to
+    77 and 61 ids, while the encoder reads the 16 subject embeddings at 2..17 instead of nothing, so
+    every aligned map after position 17 is read 16 positions off. We align the real sequences."""
+    src = [tokenizer.bos_id] + tokenizer.encode(src_text)[:MAX_LENGTH - 2] + [tokenizer.eos_id]
+    tgt = [tokenizer.bos_id] + tokenizer.encode(tgt_text)[:MAX_LENGTH - num_ctx - 2] + [tokenizer.eos_id]
+    tgt = tgt[:CTX_BEGIN_POS] + [SUBJECT_TOKEN] * num_ctx + tgt[CTX_BEGIN_POS:]
+    mapper, alpha = align_tokens(src, tgt)
+    # Padding: the k-th pad of the target reads the k-th pad of the source (prompt-to-prompt maps
+    # the pads one to one too, with alpha 1).
+    pads = MAX_LENGTH - len(tgt)
+    mapper += [min(len(src) + k, MAX_LENGTH - 1) for k in range(pads)]
+    alpha += [1.0] * pads
+    return torch.tensor(mapper), torch.tensor(alpha)
+
+
+def word_positions(tokenizer, before, word):
+    """Positions of `word`'s tokens in the sequence "{before} {word} ..." ([BOS] comes first)."""
+    start = 1 + len(tokenizer.encode(before))
+    return [p for p in range(start, start + len(tokenizer.encode(word))) if p < MAX_LENGTH - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention controllers: controller(probs (B, h, N, M), place) -> probs
+# ---------------------------------------------------------------------------------------------
+
+def level_size(height, width, downsample):
+    """Side of the UNet's maps `downsample` (1, 2, 4, ...) times below a height x width latent: each
+    level halves it, rounding up (a stride-2 convolution with padding 1)."""
+    while downsample > 1:
+        height, width, downsample = (height + 1) // 2, (width + 1) // 2, downsample // 2
+    return height, width
+
+
+def chain(*controllers):
+    """One controller that runs several in order."""
+    def run(probs, place):
+        for controller in controllers:
+            probs = controller(probs, place)
+        return probs
+    return run
+
+
+class AttentionStore:
+    """Sums the conditional half's cross-attention maps with `num_queries` query positions over heads,
+    layers and steps: maps (B/2, N, L). (LAVIS averages over heads and layers; the mask is divided by
+    its maximum, so a sum gives the same mask.) It returns the maps unchanged."""
+
+    def __init__(self, num_queries):
+        self.num_queries, self.maps = num_queries, None
+
+    def __call__(self, probs, place):
+        if place.kind == "cross" and probs.shape[2] == self.num_queries:
+            cond = probs[probs.shape[0] // 2:].float().sum(1)  # (B, h, N, L) -> (B/2, N, L)
+            self.maps = cond if self.maps is None else self.maps + cond
+        return probs
+
+
+class AttentionRefine:
+    """Prompt-to-prompt's refinement on the batch [uncond_src, uncond_tgt, src, tgt]: only the
+    target's conditional maps A_tgt change, from the source's A_src. In UNet evaluation i:
+    cross-attention, i < cross_steps:  A_tgt[..., j] <- α_j·A_src[..., mapper_j] + (1 − α_j)·A_tgt[..., j]
+    self-attention with <= self_max_keys keys, i < self_steps:  A_tgt <- A_src."""
+
+    def __init__(self, mapper, alpha, cross_steps, self_steps, self_max_keys):
+        self.mapper, self.alpha = mapper, alpha
+        self.cross_steps, self.self_steps, self.self_max_keys = cross_steps, self_steps, self_max_keys
+        self.step = -1  # the UNet evaluation under way
+
+    def __call__(self, probs, place):
+        if place.index == 0:
+            self.step += 1  # attention layer 0 runs first in every UNet evaluation
+        src, tgt = probs[-2], probs[-1]  # (h, N, M) each
+        if place.kind == "cross" and self.step < self.cross_steps:
+            new = src[..., self.mapper] * self.alpha + tgt * (1 - self.alpha)
+        elif place.kind == "self" and self.step < self.self_steps and probs.shape[-1] <= self.self_max_keys:
+            new = src
+        else:
+            return probs
+        probs = probs.clone()
+        probs[-1] = new
+        return probs
+
+
+def edit_mask(maps, positions, map_size, latent_size, threshold=THRESHOLD):
+    """LocalBlend's mask from one prompt's summed cross-attention maps (N, L), N = map height x width:
+    m = Σ_{k in word} A[:, k], max-pooled 3x3 (stride 1, grows the region by a pixel), upsampled
+    (nearest) to the latent, m <- m / max(m); mask = m > threshold, (1, 1, H, W) bool.
+    threshold >= 1 gives an empty mask, a negative one a full mask."""
+    m = maps[:, positions].sum(-1).reshape(1, 1, *map_size)
+    m = F.interpolate(F.max_pool2d(m, 3, stride=1, padding=1), size=latent_size, mode="nearest")
+    return m / m.max() > threshold
+
+
+def blend(latents, mask):
+    """x_tgt <- x_src + mask·(x_tgt − x_src) on the pair [x_src, x_tgt], written as a selection, so
+    that outside the mask x_tgt is exactly x_src and inside it exactly x_tgt."""
+    return torch.stack([latents[0], torch.where(mask[0], latents[1], latents[0])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling loops
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def denoise(model, latents, cond, sampler, uncond=None, guidance=7.5, controller=None, after_step=None,
+            progress=False):
+    """x_T -> x_0 with `sampler`. With `uncond`, classifier-free guidance ε = ε_u + g·(ε_c − ε_u)
+    (g one number or one per sample; g = 1 gives ε_c); without, ε = ε_c.
+    after_step(i, latents) -> latents runs after each sampler step."""
+    g = torch.as_tensor(guidance, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1, 1)
+    text = cond if uncond is None else torch.cat([uncond, cond])
+    for i, t in enumerate(tqdm(sampler.timesteps, desc="denoising", disable=not progress)):
+        x_in = latents if uncond is None else torch.cat([latents] * 2)
+        eps = model.unet(x_in, t, text, controller=controller)
+        if uncond is not None:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + g * (eps_cond - eps_uncond)
+        latents = sampler.step(eps, t, latents)
+        if after_step is not None:
+            latents = after_step(i, latents)
+    return latents
+
+
+@torch.no_grad()
+def ddim_invert(model, latents, text_embeddings, steps=50, progress=False):
+    """x_0 -> x_T: DDIM (η = 0) run backwards, with the noise predicted at the point already reached,
+    for t = 1, 1 + T/N, ..., the DDIM timesteps (steps_offset 1) in increasing order, t' = t − T/N:
+        ε = ε_θ(x_t', t),  x̂₀ = (x_t' − √(1−ᾱ_t')·ε) / √ᾱ_t',  x_t = √ᾱ_t·x̂₀ + √(1−ᾱ_t)·ε,
+    with ᾱ_t' = ᾱ_0 for t' < 0. Exact if ε(x_t) = ε(x_t'); the error is DDIM's discretisation.
+    No guidance: `text_embeddings` (B, 77, D) is the conditional prompt alone."""
+    sampler = DDIM(steps)
+    for t in tqdm(sampler.timesteps[::-1], desc="inverting", disable=not progress):
+        eps = model.unet(latents, t, text_embeddings)
+        latents = ddim_step(latents, eps, sampler.alpha(t - sampler.ratio), sampler.alpha(t))
+    return latents
+
+
+def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sampler, steps, guidance=7.5,
+                 negative_prompt="", guide_source=True, threshold=THRESHOLD, cross_replace=CROSS_REPLACE,
+                 self_replace=SELF_REPLACE, mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE,
+                 callback=None, progress=False):
+    """Source and target from one latent (1, C, H, W) -> their final latents (2, C, H, W).
+
+    Windows as prompt-to-prompt counts them, in UNet evaluations: cross-attention for the first
+    int(cross_replace·(steps + 1)), self-attention for the first int(self_replace·steps) (40 and 20 at
+    50 steps). guide_source=False gives the source its unguided conditional ε, as LAVIS does for a real
+    image, so that it retraces the DDIM inversion. callback(i, latents, mask) sees every step."""
+    tok, height, width = model.tokenizer, latents.shape[-2], latents.shape[-1]
+    src_text, tgt_text = build_prompt(prompt, src_word, prompt_reps=1), build_prompt(prompt, tgt_word, prompt_reps=1)
+    ctx = ctx_embeddings.to(model.device, model.dtype)
+    cond = torch.cat([model.encode_text([src_text]), model.encode_text([tgt_text], ctx)])
+    uncond = model.encode_text([negative_prompt] * 2)
+    mapper, alpha = (x.to(model.device) for x in token_alignment(tok, src_text, tgt_text, ctx.shape[1]))
+    map_size = level_size(height, width, mask_downsample)
+    self_size = level_size(height, width, self_downsample)
+    store = AttentionStore(map_size[0] * map_size[1])
+    refine = AttentionRefine(mapper, alpha.to(model.dtype), int(cross_replace * (steps + 1)),
+                             int(self_replace * steps), self_size[0] * self_size[1])
+    # The mask reads the source word's tokens in the source prompt only. Prompt-to-prompt would OR in
+    # the target word's region; LAVIS passes only the source word, so its target mask is empty. As LAVIS.
+    positions = word_positions(tok, "a", src_word)
+
+    def local_blend(i, x):
+        if store.maps is None:
+            raise ValueError(f"no cross-attention layer at {map_size[0]}x{map_size[1]} (mask_downsample="
+                             f"{mask_downsample} of a {height}x{width} latent): pick a level that has one")
+        mask = edit_mask(store.maps[0], positions, map_size, (height, width), threshold)
+        x = blend(x, mask)
+        if callback is not None:
+            callback(i, x, mask)
+        return x
+
+    g = [guidance if guide_source else 1.0, guidance]
+    return denoise(model, latents.expand(2, -1, -1, -1), cond, sampler, uncond, g, chain(store, refine),
+                   local_blend, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing a generated image, editing a real one
+# ---------------------------------------------------------------------------------------------
+
+def subject_of(model, subject_images, subject_text, ctx_embeddings):
+    """Subject embeddings (1, 16, D): given, from images and their category word, or the fine-tuned ones."""
+    if ctx_embeddings is not None:
+        return ctx_embeddings
+    if subject_images is None:
+        if model.ctx_embeddings is None:
+            raise ValueError("give subject_images (and subject_text) or ctx_embeddings")
+        return model.ctx_embeddings
+    images = [subject_images] if isinstance(subject_images, Image.Image) else list(subject_images)
+    return model.subject_embeddings(images, subject_text)
+
+
+@torch.no_grad()
+def to_images(model, latents, output):
+    """(2, C, H, W) latents -> a pair of PIL images, or of float32 arrays (H, W, 3) in [0, 1] ("np")."""
+    images = (model.vae.decode(latents / model.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
+    images = images.float().permute(0, 2, 3, 1).cpu().numpy()  # (2, 3, H, W) -> (2, H, W, 3)
+    if output == "np":
+        return images[0], images[1]
+    return tuple(Image.fromarray((im * 255).round().astype(np.uint8)) for im in images)
+
+
+def latent_shape(model, height, width):
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return model.unet.config.in_channels, height // factor, width // factor
+
+
+@torch.no_grad()
+def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
+                   ctx_embeddings=None, steps=50, guidance=7.5, seed=0, height=512, width=512, scheduler="pndm",
+                   negative_prompt="", threshold=THRESHOLD, cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE,
+                   mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE, output="pil",
+                   callback=None, progress=True):
+    """Generate "a {src_word} {prompt}" and, from the same noise, the subject as `tgt_word` in it,
+    the edit confined to where the source word is. Returns (source, edited).
+
+    The subject: `subject_images` with their category `subject_text` (default tgt_word), or
+    `ctx_embeddings` (1, 16, D), or a fine-tuned model's own. LAVIS' default is 250 steps; ours 50, as its
+    notebooks. scheduler="ddim" works here (LAVIS' use_ddim path indexes a 2-sample batch at 2 and
+    crashes); both branches are guided."""
+    ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
+    sampler = make_sampler(scheduler, steps, model.scheduler_config.get("steps_offset"))
+    latents = initial_latents(1, latent_shape(model, height, width), seed).to(model.device, model.dtype)
+    latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, sampler, steps, guidance,
+                           negative_prompt, True, threshold, cross_replace, self_replace, mask_downsample,
+                           self_downsample, callback, progress)
+    return to_images(model, latents, output)
+
+
+@torch.no_grad()
+def image_to_latent(model, image, height, width):
+    """PIL image -> z = 0.18215·mean of q(z|x), (1, 4, H/8, W/8): resized to cover height x width,
+    centre-cropped, scaled to [-1, 1]. The posterior mean, not a sample: LAVIS samples (with the
+    global RNG), which adds noise the inversion then carries; the mean is the image's latent."""
+    image = to_rgb(image)
+    scale = max(height / image.height, width / image.width)
+    # Bicubic (LAVIS: torchvision's default bilinear; PIL's filters both antialias when shrinking).
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    x = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32) / 255
+    x = torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1  # (H, W, 3) -> (1, 3, H, W)
+    return model.vae.encode(x.to(model.device, model.dtype)).mean * model.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
+              ctx_embeddings=None, steps=50, inversion_steps=50, guidance=7.5, height=512, width=512,
+              negative_prompt="", threshold=THRESHOLD, cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE,
+              mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE, output="pil",
+              callback=None, progress=True):
+    """Edit a photo where `src_word` is ("a {src_word} {prompt}" describes it) into the subject as
+    `tgt_word`. Returns (reconstruction, edited).
+
+    VAE latent -> DDIM inversion under the source prompt, no guidance -> the edit, with DDIM (η = 0).
+    The source branch uses its unguided ε, the exact reverse of the inversion, so it reconstructs the
+    photo; the target is guided. Keep inversion_steps = steps: otherwise the inversion ends at another
+    noise level than the sampling starts from (LAVIS allows it too)."""
+    ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
+    latents = image_to_latent(model, image, height, width)
+    # The whole source word; LAVIS builds this prompt with the word's first character ("a c sit on a
+    # sofa" for "cat"), since its prompt builder iterates over what it takes for a list of words.
+    text = model.encode_text([build_prompt(prompt, src_word, prompt_reps=1)])
+    latents = ddim_invert(model, latents, text, inversion_steps, progress)
+    latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, DDIM(steps), steps, guidance,
+                           negative_prompt, False, threshold, cross_replace, self_replace, mask_downsample,
+                           self_downsample, callback, progress)
+    return to_images(model, latents, output)
