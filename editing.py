@@ -34,8 +34,16 @@ from clip import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS
 CROSS_REPLACE, SELF_REPLACE, THRESHOLD = 0.8, 0.4, 0.3
 # Resolutions, as the factor by which a UNet level is smaller than the latent. LAVIS (at 512 px, a
 # 64x64 latent) takes the mask from the 16x16 maps and injects self-attention where the key length is
-# <= 256, i.e. 16x16 and 8x8: both rules are "4 times below the latent", which we keep at any size.
-MASK_DOWNSAMPLE, SELF_DOWNSAMPLE = 4, 4
+# <= 256, i.e. 16x16 and 8x8. In SD-1.5 16x16 is the coarsest level of the cross-attention encoder
+# blocks (4 times below the latent); None means that rule, read from the UNet's config, so smaller
+# models (the tests', the toy world's) get their own equivalent.
+MASK_DOWNSAMPLE, SELF_DOWNSAMPLE = None, None
+
+
+def coarsest_cross_attention_level(unet):
+    """2**i for the last CrossAttnDownBlock2D i: 4 in SD-1.5 (16x16 at a 64x64 latent)."""
+    levels = [i for i, kind in enumerate(unet.config.down_block_types) if kind.startswith("CrossAttn")]
+    return 2 ** levels[-1]
 # Stands for a subject embedding in the target's token list; equal to no token id.
 SUBJECT_TOKEN = -1
 
@@ -227,6 +235,8 @@ def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sam
     cond = torch.cat([model.encode_text([src_text]), model.encode_text([tgt_text], ctx)])
     uncond = model.encode_text([negative_prompt] * 2)
     mapper, alpha = (x.to(model.device) for x in token_alignment(tok, src_text, tgt_text, ctx.shape[1]))
+    mask_downsample = mask_downsample or coarsest_cross_attention_level(model.unet)
+    self_downsample = self_downsample or coarsest_cross_attention_level(model.unet)
     map_size = level_size(height, width, mask_downsample)
     self_size = level_size(height, width, self_downsample)
     store = AttentionStore(map_size[0] * map_size[1])

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from checkpoint import write_atomically
+from controlnet import CANNY_HIGH, CANNY_LOW
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
@@ -86,6 +87,37 @@ def write_outputs(path, array):
     return [path] + written
 
 
+def check_control(args):
+    """The control map (a PIL image) for --control, or None; the Canny edges are made here."""
+    if args.control is None:
+        if args.control_image:
+            raise InputError("--control-image needs --control canny (edges of a photo) or --control image (a map)")
+        return None
+    if not args.control_image:
+        raise InputError(f"--control {args.control} needs --control-image PATH")
+    folder = args.controlnet or os.path.join(args.weights, "controlnet")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise InputError(f"{folder}: no ControlNet there; give --controlnet DIR (e.g. weights/sd-controlnet-canny, "
+                         f"see weights/README.md)")
+    image = read_images(args.control_image)[0].convert("RGB")
+    if args.control == "image":
+        return image
+    from controlnet import canny_control_image
+    # Edges of the photo at the size generated, so the structure lands where it is in the photo.
+    return canny_control_image(image.resize((args.width, args.height), Image.BICUBIC), args.canny_low, args.canny_high)
+
+
+def check_edit(args, subjects):
+    """The real image to edit for --edit (or None); the editing flags must make sense together."""
+    if args.edit and not args.edit_word:
+        raise InputError("--edit IMAGE needs --edit-word WORD (the word for what is to be replaced)")
+    if not args.edit_word:
+        return None
+    if len(subjects) > 1 or args.num_images != 1 or args.control:
+        raise InputError("editing takes one subject and one image, without --control")
+    return read_images(args.edit)[0] if args.edit else None
+
+
 def pick_device(name):
     import torch
     if name != "auto":
@@ -120,6 +152,21 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--center-crop", action="store_true",
                    help="LAVIS-style subject preprocessing (short side resize + centre crop) instead of diffusers' squash")
+    g = p.add_argument_group("structure control (ControlNet, paper §3.3)")
+    g.add_argument("--control", choices=("canny", "image"), default=None,
+                   help="canny: edges of --control-image steer the layout; image: --control-image is the map itself")
+    g.add_argument("--control-image", default=None, metavar="PATH", help="the photo (canny) or the control map (image)")
+    g.add_argument("--control-scale", type=float, default=1.0, help="ControlNet residual scale; 0 turns it off")
+    g.add_argument("--controlnet", default=None, metavar="DIR",
+                   help="ControlNet folder (e.g. lllyasviel/sd-controlnet-canny); default WEIGHTS/controlnet")
+    g.add_argument("--canny-low", type=float, default=CANNY_LOW, help="Canny's low threshold (0-255 gradient scale)")
+    g.add_argument("--canny-high", type=float, default=CANNY_HIGH, help="Canny's high threshold")
+    g = p.add_argument_group("subject-driven editing (prompt-to-prompt, paper §3.3)")
+    g.add_argument("--edit", default=None, metavar="IMAGE", help="a real image to edit; without it the source is generated")
+    g.add_argument("--edit-word", default=None, metavar="WORD",
+                   help='the word to replace: the source is "a {WORD} {prompt}", the edit puts the subject there')
+    g.add_argument("--edit-threshold", type=float, default=0.3,
+                   help="edit-mask threshold on the source word's attention (LAVIS 0.3; lower edits more)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--out", default="out.png", help=".png/.jpg image (a grid when N > 1) or .npy float32 (N, H, W, 3)")
@@ -142,6 +189,8 @@ def main(argv=None):
             raise InputError(f"{len(args.subject)} --subject but {len(args.subject_weight)} --subject-weight: give one per subject")
         check_output(args.out)
         subjects = [read_images(path) for path in args.subject]
+        control = check_control(args)
+        edit_image = check_edit(args, subjects)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,14 +207,36 @@ def main(argv=None):
     start = time.time()
     try:
         model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
+        controlnet = None
+        if control is not None:
+            from controlnet import ControlNet
+            controlnet = ControlNet.from_pretrained(args.controlnet or os.path.join(args.weights, "controlnet"))
+            controlnet.to(device, dtype)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.edit_word:
+        import editing
+        common = dict(subject_images=subjects[0] if subjects else None, subject_text=args.subject_text[0] if subjects else None,
+                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                      negative_prompt=args.negative_prompt, threshold=args.edit_threshold, output="np")
+        target = args.target_text or (args.subject_text[0] if subjects else model.subject_text)
+        if edit_image is not None:
+            source, edited = editing.edit_real(model, edit_image, args.prompt, args.edit_word, target, **common)
+        else:
+            source, edited = editing.edit_generated(model, args.prompt, args.edit_word, target, seed=args.seed,
+                                                    scheduler=args.scheduler, **common)
+        stem, ext = os.path.splitext(args.out)
+        written = write_outputs(args.out, edited[None]) + write_outputs(f"{stem}-source{ext}", source[None])
+        print(f"wrote {written[0]} (the edit) and {written[1]} (the {'reconstruction' if args.edit else 'source'}), "
+              f"{args.width}x{args.height}, in {time.time() - start:.1f} s")
+        return 0
     array = model.generate(
         args.prompt, subjects or None, args.subject_text or None, target_text=args.target_text,
         subject_weights=args.subject_weight or None, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, seed=args.seed, height=args.height, width=args.width, scheduler=args.scheduler,
-        num_images=args.num_images, center_crop=args.center_crop, output="np")
+        num_images=args.num_images, center_crop=args.center_crop, controlnet=controlnet, control_image=control,
+        control_scale=args.control_scale, output="np")
     written = write_outputs(args.out, array)
     n = args.num_images
     print(f"wrote {written[0]} ({n} image{'s' * (n > 1)}, {args.width}x{args.height}"

@@ -204,3 +204,12 @@ def test_edit_real(model):
     assert np.abs(recon - decode(model, denoise(model, inverted, text, DDIM(10)))[0]).max() <= 1e-4
     recon2, edited = edit_real(model, photo, PROMPT, "cat", "dog", threshold=0.3, **args)
     assert np.array_equal(recon, recon2) and not np.array_equal(recon, edited)
+
+
+def test_default_levels_are_lavis_16x16_at_sd15_size():
+    from editing import coarsest_cross_attention_level, level_size
+    from unet import UNet, UNetConfig
+    with torch.device("meta"):
+        sd15 = UNet(UNetConfig())
+    assert coarsest_cross_attention_level(sd15) == 4
+    assert level_size(64, 64, 4) == (16, 16)  # LAVIS' mask maps and self-injection limit (key length 256)

@@ -121,3 +121,70 @@ def test_odd_mode_subjects_are_accepted(tiny_pipeline, tmp_path):
                         "--prompt", "p", "--steps", "1", "--height", "16", "--width", "16",
                         "--out", str(tmp_path / "x.npy")])
     assert code == 0 and np.isfinite(np.load(tmp_path / "x.npy")).all()
+
+
+@pytest.fixture(scope="module")
+def with_controlnet(tiny_pipeline, tmp_path_factory):
+    """The tiny weights folder with a tiny ControlNet in controlnet/ (the blipdiffusion-controlnet layout)."""
+    import shutil
+
+    from test_controlnet import reference as tiny_controlnet
+    _, folder = tiny_pipeline
+    copy = tmp_path_factory.mktemp("with_controlnet") / "w"
+    shutil.copytree(folder, copy)
+    tiny_controlnet().save_pretrained(copy / "controlnet")
+    return str(copy)
+
+
+def photo(path, size=(32, 32)):
+    a = np.zeros((*size, 3), np.uint8)
+    a[8:24, 10:22] = (200, 180, 40)  # a box to find the edges of
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def test_canny_control_equals_the_api(with_controlnet, subject, tmp_path):
+    from blipdiff import BlipDiffusion
+    from controlnet import ControlNet, canny_control_image
+    assert run(with_controlnet, subject, tmp_path / "x.npy", "--control", "canny", "--control-image",
+               photo(tmp_path / "photo.png"), "--canny-low", "50", "--canny-high", "100") == 0
+    model = BlipDiffusion.from_pretrained(with_controlnet)
+    controlnet = ControlNet.from_pretrained(os.path.join(with_controlnet, "controlnet"))
+    edges = canny_control_image(Image.open(tmp_path / "photo.png"), 50, 100)
+    ref = model.generate("swimming underwater", [Image.open(subject)], "dog", steps=3, seed=5, height=32, width=32,
+                         controlnet=controlnet, control_image=edges, output="np", progress=False)
+    assert np.abs(np.load(tmp_path / "x.npy") - ref).max() <= 1e-5
+    plain = np.load(tmp_path / "x.npy")
+    assert run(with_controlnet, subject, tmp_path / "y.npy", "--control", "image", "--control-image",
+               str(tmp_path / "photo.png"), "--control-scale", "0") == 0
+    assert run(with_controlnet, subject, tmp_path / "z.npy") == 0
+    assert np.abs(np.load(tmp_path / "y.npy") - np.load(tmp_path / "z.npy")).max() <= 1e-6  # scale 0 = no control
+    assert np.abs(plain - np.load(tmp_path / "z.npy")).max() > 1e-4  # the control did something
+
+
+def test_edit_generated_and_real_equal_the_api(tiny_pipeline, subject, tmp_path):
+    import editing
+    from blipdiff import BlipDiffusion
+    _, folder = tiny_pipeline
+    model = BlipDiffusion.from_pretrained(folder)
+    assert run(folder, subject, tmp_path / "e.npy", "--edit-word", "cat", "--edit-threshold", "0.5") == 0
+    source, edited = editing.edit_generated(model, "swimming underwater", "cat", "dog", [Image.open(subject)], "dog",
+                                            steps=3, seed=5, height=32, width=32, threshold=0.5, output="np",
+                                            progress=False)
+    assert np.abs(np.load(tmp_path / "e.npy")[0] - edited).max() <= 1e-5
+    assert np.abs(np.load(tmp_path / "e-source.npy")[0] - source).max() <= 1e-5
+    real = photo(tmp_path / "cat.png")
+    assert run(folder, subject, tmp_path / "r.png", "--edit", real, "--edit-word", "cat") == 0
+    assert Image.open(tmp_path / "r.png").size == (32, 32) and os.path.isfile(tmp_path / "r-source.png")
+
+
+def test_bad_control_and_edit_flags(tiny_pipeline, subject, tmp_path, capsys):
+    _, folder = tiny_pipeline
+    (tmp_path / "in").mkdir()
+    base = ["--weights", folder, "--subject", subject, "--subject-text", "dog", "--prompt", "p",
+            "--out", str(tmp_path / "x.png")]
+    assert "needs --control-image" in bad(capsys, tmp_path, base + ["--control", "canny"])
+    assert "needs --control canny" in bad(capsys, tmp_path, base + ["--control-image", subject])
+    assert "no ControlNet there" in bad(capsys, tmp_path, base + ["--control", "canny", "--control-image", subject])
+    assert "needs --edit-word" in bad(capsys, tmp_path, base + ["--edit", subject])
+    assert "one subject and one image" in bad(capsys, tmp_path, base + ["--edit-word", "cat", "--num-images", "2"])
