@@ -439,7 +439,12 @@ class BlipDiffusion(nn.Module):
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
             latents = sampler.step(eps, t, latents)
+        return self.decode(latents, output)
 
+    @torch.no_grad()
+    def decode(self, latents, output="pil"):
+        """Latents -> images: VAE decode of latents / 0.18215, then (x / 2 + 0.5) clamped to [0, 1].
+        PIL images (output="pil"), or a float32 array (N, H, W, 3) in [0, 1] (output="np")."""
         images = (self.vae.decode(latents / self.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
         images = images.float().permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, H, W) -> (N, H, W, 3)
         if output == "np":

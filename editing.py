@@ -277,16 +277,6 @@ def subject_of(model, subject_images, subject_text, ctx_embeddings):
     return model.subject_embeddings(images, subject_text)
 
 
-@torch.no_grad()
-def to_images(model, latents, output):
-    """(2, C, H, W) latents -> a pair of PIL images, or of float32 arrays (H, W, 3) in [0, 1] ("np")."""
-    images = (model.vae.decode(latents / model.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
-    images = images.float().permute(0, 2, 3, 1).cpu().numpy()  # (2, 3, H, W) -> (2, H, W, 3)
-    if output == "np":
-        return images[0], images[1]
-    return tuple(Image.fromarray((im * 255).round().astype(np.uint8)) for im in images)
-
-
 def latent_shape(model, height, width):
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
@@ -313,7 +303,7 @@ def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subje
     latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, sampler, steps, guidance,
                            negative_prompt, True, threshold, cross_replace, self_replace, mask_downsample,
                            self_downsample, callback, progress)
-    return to_images(model, latents, output)
+    return tuple(model.decode(latents, output))  # (source or reconstruction, edited)
 
 
 @torch.no_grad()
@@ -354,4 +344,4 @@ def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, sub
     latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, DDIM(steps), steps, guidance,
                            negative_prompt, False, threshold, cross_replace, self_replace, mask_downsample,
                            self_downsample, callback, progress)
-    return to_images(model, latents, output)
+    return tuple(model.decode(latents, output))  # (source or reconstruction, edited)
