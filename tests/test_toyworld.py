@@ -1,0 +1,110 @@
+"""The toy world (toyworld.py): a seed fixes every picture, held-out identities stay out of training,
+captions and masks say what was drawn, and the shipped oracle reads the pictures back."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import toyworld as tw
+from matting import trimap_from_confidence
+
+ORACLE = os.path.join(os.path.dirname(__file__), "..", "weights", "toy", "oracle.safetensors")
+
+
+def test_a_seed_fixes_the_sample():
+    a, b = tw.sample(np.random.default_rng(7)), tw.sample(np.random.default_rng(7))
+    assert a.caption == b.caption and a.attributes == b.attributes
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert np.array_equal(a.mask, b.mask)
+    c = tw.sample(np.random.default_rng(8))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def test_heldout_identities_never_appear_in_training():
+    train, held, everything = tw.identities("train"), tw.identities("heldout"), tw.identities("all")
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(everything)
+    assert len(everything) == 6 * 8 * (1 + 4 * 7)
+    assert abs(len(held) / len(everything) - 0.1) < 0.01
+    # Every word of the vocabulary is still taught: only combinations are held out.
+    for i, words in enumerate((tw.CATEGORIES, tw.COLORS, tw.PATTERNS)):
+        assert {ident[i] for ident in train} == set(words)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = tw.sample(rng, "train").attributes
+        assert tw.Identity(a["category"], a["color"], a["pattern"], a["pattern_color"]) not in held
+    a = tw.sample(rng, "heldout").attributes
+    assert tw.Identity(a["category"], a["color"], a["pattern"], a["pattern_color"]) in held
+
+
+def test_captions_name_the_attributes():
+    rng = np.random.default_rng(0)
+    s = tw.render(tw.Identity("ball", "red", "stripes", "blue"), "on the grass", rng)
+    assert s.caption == "a red striped ball on the grass" and s.category == "ball"
+    assert tw.render(("cup", "white", "plain", None), "at night", rng).caption == "a white cup at night"
+    for _ in range(50):
+        s = tw.sample(rng, "all")
+        a = s.attributes
+        words = ["a", a["color"], tw.PATTERNS[a["pattern"]], a["category"], a["context"]]
+        assert s.caption == " ".join(w for w in words if w) and s.category == a["category"]
+        assert a["context"] in tw.CONTEXTS and (a["pattern_color"] is None) == (a["pattern"] == "plain")
+
+
+@pytest.mark.parametrize("category", tw.CATEGORIES)
+def test_the_mask_is_the_drawn_subject(category):
+    size = 64
+    for seed in range(3):
+        s = tw.render((category, "red", "dots", "yellow"), "in the snow", np.random.default_rng(seed), size)
+        back = tw.background("in the snow", np.random.default_rng(seed), size)  # render draws it first
+        back = np.round(back * 255)
+        image = np.asarray(s.image).astype(float)
+        assert s.mask.shape == (size, size) and s.mask.dtype == np.float32
+        assert s.mask.min() == 0 and s.mask.max() == 1
+        assert ((s.mask > 0) & (s.mask < 1)).any(), "edges are antialiased"
+        assert np.array_equal(image[s.mask == 0], back[s.mask == 0])
+        # A red and yellow subject on snow differs from the snow everywhere the mask says it is.
+        assert (np.abs(image - back).max(-1)[s.mask > 0.5] > 60).all()
+        assert 0.05 < (s.mask > 0.5).mean() < 0.5
+
+
+def test_confidence_is_close_to_the_mask_but_not_equal():
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        m = tw.sample(rng).mask
+        p = tw.confidence_from_mask(m, rng)
+        assert p.shape == m.shape and p.min() >= 0 and p.max() <= 1
+        assert np.abs(p - m).mean() < 0.1 and np.abs(p - m).max() > 0.3
+        inter, union = ((p >= 0.5) & (m > 0.5)).sum(), ((p >= 0.5) | (m > 0.5)).sum()
+        assert inter / union > 0.75
+        trimap = trimap_from_confidence(p)
+        assert (m[trimap == 255] > 0.5).mean() > 0.85 and (m[trimap == 0] < 0.5).mean() > 0.98
+
+
+def test_the_oracle_loads_strictly(tmp_path):
+    with pytest.raises(tw.CheckpointError, match="not found"):
+        tw.load_oracle(str(tmp_path / "none.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(tw.CheckpointError, match="junk.safetensors"):
+        tw.load_oracle(str(tmp_path / "junk.safetensors"))
+    oracle = tw.AttributeOracle()
+    path = str(tmp_path / "o.safetensors")
+    tw.save_oracle(oracle, path)
+    assert torch.equal(tw.load_oracle(path).proj.weight, oracle.proj.weight)
+
+
+@pytest.mark.skipif(not os.path.isfile(ORACLE), reason="weights/toy/oracle.safetensors not trained yet")
+def test_the_shipped_oracle_reads_the_world():
+    torch.set_num_threads(1)
+    oracle = tw.load_oracle(ORACLE)
+    assert sum(p.numel() for p in oracle.parameters()) < 1_000_000
+    rng = np.random.default_rng(2024)  # not the training seed: fresh pictures
+    for split in ("train", "heldout"):
+        acc = tw.accuracy(oracle, rng, 200, split)
+        assert all(v >= 0.98 for v in acc.values()), (split, acc)
+    x, y, samples = tw.batch(rng, 8)
+    images = [s.image for s in samples]
+    assert all(torch.equal(a, b) for a, b in zip(oracle.predict(images).values(), oracle.predict(x).values()))
+    f = oracle.features(images)
+    assert f.shape == (8, oracle.config.feature_dim)
+    assert torch.allclose(f, oracle.features(x), atol=1e-5)
