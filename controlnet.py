@@ -36,7 +36,7 @@ from scipy import ndimage
 from torch import nn
 
 from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder
-from unet import DownBlock, MidBlock, TimestepEmbedding, timestep_batch
+from unet import MidBlock, TimestepEmbedding, encoder_levels, timestep_batch
 
 # Canny thresholds on the 0-255 intensity scale. 100/200 is controlnet_aux's CannyDetector default,
 # the value of lllyasviel's sd-controlnet-canny model card and annotator, and LAVIS's commented
@@ -127,9 +127,7 @@ class ControlNet(nn.Module):
         self.controlnet_cond_embedding = ConditioningEmbedding(
             cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, ch[0])
         last = len(ch) - 1
-        self.down_blocks = nn.ModuleList([
-            DownBlock(cfg, ch[max(i - 1, 0)], ch[i], kind.startswith("CrossAttn"), i < last)
-            for i, kind in enumerate(cfg.down_block_types)])
+        self.down_blocks = encoder_levels(cfg)
         self.mid_block = MidBlock(cfg, ch[-1])
         # One zero conv per skip connection, in the UNet's order: conv_in's output, then per level one
         # per ResBlock and one after the downsampler (all levels but the last).

@@ -291,6 +291,13 @@ class UpBlock(nn.Module):
         return x
 
 
+def encoder_levels(cfg):
+    """The encoder's DownBlocks as the config lists them (ControlNet builds the same ones)."""
+    ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+    return nn.ModuleList([DownBlock(cfg, ch[max(i - 1, 0)], ch[i], kind.startswith("CrossAttn"), i < last)
+                          for i, kind in enumerate(cfg.down_block_types)])
+
+
 class UNet(nn.Module):
     """eps_theta(z_t, t, text): conv_in, the encoder levels, the mid block, the decoder levels, conv_out."""
 
@@ -301,9 +308,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         last = len(ch) - 1
-        self.down_blocks = nn.ModuleList([
-            DownBlock(cfg, ch[max(i - 1, 0)], ch[i], kind.startswith("CrossAttn"), i < last)
-            for i, kind in enumerate(cfg.down_block_types)])
+        self.down_blocks = encoder_levels(cfg)
         self.mid_block = MidBlock(cfg, ch[-1])
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList([
