@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import toyworld
 from blipdiff import NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, preprocess_subject, q_sample
 from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json
 from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, VisionConfig, VisionTransformer
@@ -161,41 +162,26 @@ def stage1_model(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: JSONL manifests, subject folders, and a small synthetic world for laptops and tests
+# Data: JSONL manifests, subject folders, and the toy world (toyworld.py) for laptops and tests
 # ---------------------------------------------------------------------------------------------
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-SHAPES = ("ball", "box")
-BACKGROUNDS = {"on the grass": (60, 140, 50), "in the snow": (235, 240, 245), "at night": (20, 20, 50),
-               "on the beach": (225, 200, 140)}
-
-
-def synthetic_picture(rng, shape, color, background, size=64):
-    """A coloured ball (disc) or box (square) on a textured plain background."""
-    y, x = np.mgrid[0:size, 0:size]
-    img = np.array(BACKGROUNDS[background], np.float32) + rng.normal(0, 12, (size, size, 1))
-    r, cy, cx = rng.uniform(0.2, 0.3) * size, rng.uniform(0.35, 0.65) * size, rng.uniform(0.35, 0.65) * size
-    inside = (np.hypot(y - cy, x - cx) < r) if shape == "ball" else (np.maximum(abs(y - cy), abs(x - cx)) < r)
-    img[inside] = COLORS[color]
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), inside
-
-
 def synthetic_records(stage, n=64, seed=0):
-    """In-memory records in the same form the manifests give: PIL images instead of paths."""
+    """Records from the toy world's training identities, in the form the manifests give (PIL images
+    instead of paths). For stage 2 the prompted context is made from the world's true mask: the
+    subject pasted on a picture of another context (pairs.py does it with CLIPSeg and matting)."""
     rng = np.random.default_rng(seed)
     records = []
     for _ in range(n):
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        bg, other = rng.choice(list(BACKGROUNDS), 2, replace=False)
-        target, mask = synthetic_picture(rng, shape, color, bg)
-        caption = f"a {color} {shape} {bg}"
+        s = toyworld.sample(rng, "train")
         if stage == "multimodal":
-            records.append({"image": target, "caption": caption})
-        else:  # prompted context: the subject cut out (its true mask) and pasted on another background
-            backdrop, _ = synthetic_picture(rng, shape, color, other)
-            composite = np.where(mask[..., None], np.asarray(target), np.array(BACKGROUNDS[other], np.uint8))
-            records.append({"input": Image.fromarray(composite.astype(np.uint8)), "target": target,
-                            "subject": str(shape), "caption": caption})
+            records.append({"image": s.image, "caption": s.caption})
+            continue
+        contexts = toyworld.CONTEXTS
+        other = contexts[(contexts.index(s.attributes["context"]) + rng.integers(1, len(contexts))) % len(contexts)]
+        back = toyworld.background(other, rng, s.image.height)
+        composite = back + s.mask[..., None] * (np.asarray(s.image, np.float32) / 255 - back)
+        records.append({"input": Image.fromarray(np.round(np.clip(composite, 0, 1) * 255).astype(np.uint8)),
+                        "target": s.image, "subject": s.category, "caption": s.caption})
     return records
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sample
+import toyworld
 import train
 from checkpoint import read_tensors
 
@@ -33,11 +34,23 @@ def assert_same_weights(a, b, atol=1e-6):
     assert worst <= atol, f"weights differ by {worst}"
 
 
+def assert_same_update(a, b, lr, steps):
+    """Weights after the same steps computed in another process layout. Only the order of float sums
+    differs; Adam turns a gradient of any size into a step of about ±lr, so the rare element whose
+    gradient is float noise around zero may step the other way: at most 2 x lr x steps, and rare.
+    A real difference (other data, a missed all-reduce) moves most elements."""
+    assert a.keys() == b.keys()
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.max().item() <= 2 * lr * steps + 1e-7, f"weights differ by {diffs.max().item()}"
+    assert (diffs > 1e-7).float().mean().item() < 1e-3, "many weights differ"
+
+
 def subject_pictures(folder, n=3):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
+    ball = toyworld.Identity("ball", "red", "stripes", "white")
     for i in range(n):
-        train.synthetic_picture(rng, "ball", "red", "on the grass")[0].save(os.path.join(folder, f"{i}.png"))
+        toyworld.render(ball, "on the grass", rng).image.save(os.path.join(folder, f"{i}.png"))
     return str(folder)
 
 
@@ -74,7 +87,7 @@ def test_two_processes_equal_one_and_torchrun_resume(tmp_path):
     assert first.stdout.count("step ") >= 20 and "step 20/20 | loss" in first.stdout
     out1 = str(tmp_path / "one")
     assert train.main(["--stage", "subject", *TINY, "--steps", "20", "--batch-size", "4", "--out", out1]) == 0
-    assert_same_weights(weights(out2, 20), weights(out1, 20), atol=1e-5)
+    assert_same_update(weights(out2, 20), weights(out1, 20), lr=2e-6, steps=20)
     cmd[cmd.index("20")] = "30"
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -110,8 +123,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
     rng = np.random.default_rng(1)
     records = []
     for i in range(3):
-        pic, _ = train.synthetic_picture(rng, "box", "blue", "in the snow")
-        pic.save(data / "img" / f"{i}.png")
+        toyworld.sample(rng).image.save(data / "img" / f"{i}.png")
         records.append({"input": f"img/{i}.png", "target": f"img/{i}.png", "subject": "box", "caption": "a box"})
     (data / "img" / "1.png").write_bytes(b"not a png")
     (data / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -198,9 +210,7 @@ def test_zero_sharded_optimizer_and_ema_with_two_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     plain = str(tmp_path / "plain")
     assert train.main(args + ["--steps", "3", "--out", plain]) == 0
-    # Sharding changes nothing but the order of float sums (Adam's update is ~lr wherever a gradient
-    # is non-zero, so the bound is a small fraction of one step of lr 1e-4).
-    assert_same_weights(weights(sharded, 3), weights(plain, 3), atol=2e-5)
+    assert_same_update(weights(sharded, 3), weights(plain, 3), lr=1e-4, steps=3)  # sharding changes nothing
     ema = read_tensors(os.path.join(plain, "checkpoints", "step-0000003", "ema.safetensors"))
     key = "unet.conv_out.weight"
     assert not torch.equal(ema[key], weights(plain, 3)[key])  # the EMA lags the weights
