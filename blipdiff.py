@@ -155,6 +155,15 @@ def make_sampler(name, num_steps, pndm_steps_offset=None):
 # Subject images and prompts
 # ---------------------------------------------------------------------------------------------
 
+# The files taken as images when a folder is given (sample.py, train.py, pairs.py).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(folder):
+    """The images in `folder` (not its subfolders), as paths sorted by name."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def to_rgb(image):
     """Any PIL image -> 8-bit RGB. Palette, grayscale, CMYK and RGBA images convert as PIL does
     (alpha dropped, as the reference's `convert("RGB")`); 16- and 32-bit images are rescaled to

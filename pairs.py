@@ -48,9 +48,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import matting
+from blipdiff import IMAGE_EXTENSIONS, image_files
 from clip import CLIPSeg
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -141,11 +141,10 @@ def read_data(data, subject=None):
     if os.path.isdir(data):
         if not subject:
             raise ValueError(f"{data} is a folder: give its subject category with --subject WORD")
-        files = sorted(f for f in os.listdir(data) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = image_files(data)
         if not files:
             raise ValueError(f"{data} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
-        return [dict(image=f, path=os.path.join(data, f), subject=subject, caption=f"a {subject}")
-                for f in files]
+        return [dict(image=os.path.basename(f), path=f, subject=subject, caption=f"a {subject}") for f in files]
     if not os.path.isfile(data):
         raise ValueError(f"--data {data} does not exist")
     items = []
@@ -169,10 +168,10 @@ def read_data(data, subject=None):
 def list_backgrounds(folder):
     if not os.path.isdir(folder):
         raise ValueError(f"--backgrounds {folder} is not a folder")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = image_files(folder)
     if not files:
         raise ValueError(f"--backgrounds {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
-    return [os.path.join(folder, f) for f in files]
+    return files
 
 
 def item_name(index, image):

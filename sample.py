@@ -18,10 +18,10 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from blipdiff import IMAGE_EXTENSIONS, image_files
 from checkpoint import write_atomically
 from controlnet import CANNY_HIGH, CANNY_LOW
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
 
 
@@ -32,7 +32,7 @@ class InputError(ValueError):
 def read_images(path):
     """An image file, or every image in a folder (sorted by name) -> a list of PIL images."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = image_files(path)
         if not files:
             raise InputError(f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     elif os.path.isfile(path):

@@ -46,7 +46,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import toyworld
-from blipdiff import NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, preprocess_subject, q_sample
+from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, image_files,
+                      preprocess_subject, q_sample)
 from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json
 from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
@@ -55,7 +56,6 @@ from vae import AutoencoderKL, AutoencoderKLConfig
 
 # Paper §3.2: "we randomly drop the subject prompt 15% of the time", leaving text-only conditioning.
 SUBJECT_DROP = 0.15
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # BLIP-2 stage 1 (LAVIS blip2_qformer): captions cut to 32 tokens.
 MAX_CAPTION_TOKENS = 32
 
@@ -212,7 +212,7 @@ def read_manifest(path, keys):
 def subject_folder(folder):
     if not os.path.isdir(folder):
         raise TrainError(f"--subject {folder}: no such folder of subject images")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = image_files(folder)
     if not files:
         raise TrainError(f"--subject {folder}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
