@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_strict, read_tensors, write_atomically
+from checkpoint import CheckpointError, load_strict, read_tensors, write_atomically, write_folder_atomically
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -528,6 +528,35 @@ def eval_oracle(args):
         print(f"{args.weights} on {args.n} fresh {split} pictures: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
 
 
+def write_data(args):
+    """A training set on disk, in the manifests train.py and pairs.py read: N pictures of training
+    identities with their true masks, and pictures of every context with no subject (the backgrounds
+    stage 2 pastes subjects on). records.jsonl captions the whole picture (stages 0 and 1); pairs.jsonl
+    gives pairs.py the context phrase as the caption, the prompt a user types for a subject."""
+    rng = np.random.default_rng(args.seed)
+
+    def write(tmp):
+        for sub in ("images", "masks", "backgrounds"):
+            os.makedirs(os.path.join(tmp, sub))
+        with open(os.path.join(tmp, "records.jsonl"), "w") as full, open(os.path.join(tmp, "pairs.jsonl"), "w") as ctx:
+            for i in tqdm(range(args.n), desc="pictures", unit="image"):
+                s = sample(rng, "train")
+                name = f"{i:06d}.png"
+                s.image.save(os.path.join(tmp, "images", name))
+                Image.fromarray(np.round(s.mask * 255).astype(np.uint8)).save(os.path.join(tmp, "masks", name))
+                rec = {"image": f"images/{name}", "mask": f"masks/{name}", "subject": s.category}
+                full.write(json.dumps({**rec, "caption": s.caption, "context": s.attributes["context"]}) + "\n")
+                ctx.write(json.dumps({**rec, "caption": s.attributes["context"]}) + "\n")
+        for i in range(args.backgrounds):
+            back = background(CONTEXTS[i % len(CONTEXTS)], rng, WorldConfig.size)
+            Image.fromarray(np.round(np.clip(back, 0, 1) * 255).astype(np.uint8)).save(
+                os.path.join(tmp, "backgrounds", f"{i:05d}.png"))
+
+    write_folder_atomically(args.out, write)
+    print(f"wrote {args.n} pictures with masks and {args.backgrounds} backgrounds to {args.out} "
+          f"(records.jsonl for train.py, pairs.jsonl for pairs.py)")
+
+
 def show(args):
     """A contact sheet: one row per context; with --masks, each picture followed by its true mask
     and a degraded confidence map."""
@@ -565,6 +594,12 @@ def main():
     p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
     p.add_argument("--masks", action="store_true", help="show each true mask and a degraded confidence beside the picture")
     p.add_argument("--seed", type=int, default=0, help="fixes every picture of the sheet")
+    p = sub.add_parser("data", help="write a training set (pictures, masks, backgrounds, manifests) to a folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write (replaced as a whole when done)")
+    p.add_argument("--n", type=int, default=20000, help="pictures of training identities")
+    p.add_argument("--backgrounds", type=int, default=400, help="subject-free pictures, the contexts in turn")
+    p.add_argument("--seed", type=int, default=0, help="fixes every picture")
     p = sub.add_parser("train-oracle", help="train the attribute oracle on fresh train-split pictures",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="weights/toy/oracle.safetensors", help="safetensors file to write")
@@ -582,7 +617,7 @@ def main():
     p.add_argument("--seed", type=int, default=1234, help="fixes the pictures; not the training seed, so they are fresh")
     args = parser.parse_args()
     try:
-        {"show": show, "train-oracle": train_oracle, "eval-oracle": eval_oracle}[args.command](args)
+        {"show": show, "data": write_data, "train-oracle": train_oracle, "eval-oracle": eval_oracle}[args.command](args)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
