@@ -48,6 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import matting
+import toyworld
 from blipdiff import IMAGE_EXTENSIONS, image_files
 from clip import CLIPSeg
 
@@ -72,11 +73,12 @@ class Skip(Exception):
 # The steps
 # ---------------------------------------------------------------------------------------------------
 
-def load_rgb(path, size):
-    """The image at `path` as a (size, size, 3) uint8 array: short side resized to `size`, centre crop."""
+def load_rgb(path, size, mode="RGB"):
+    """The image at `path` as a (size, size, 3) uint8 array (mode "L": (size, size)): short side resized
+    to `size`, centre crop."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise Skip(f"unreadable image {path}: {e}") from None
     scale = size / min(im.size)
@@ -86,16 +88,26 @@ def load_rgb(path, size):
 
 
 class CLIPSegSegmenter:
-    """CLIPSeg prompted with the category text: image (H, W, 3) uint8 -> subject probability (H, W).
-    The text goes in as it is ("dog"), as the paper says; no "a photo of a {}." template."""
+    """CLIPSeg prompted with the category text: (image (H, W, 3) uint8, item) -> subject probability
+    (H, W). The text goes in as it is ("dog"), as the paper says; no "a photo of a {}." template."""
 
     def __init__(self, folder):
         self.model = CLIPSeg.from_pretrained(folder)
 
-    def __call__(self, image, subject):
-        p = self.model.segment([Image.fromarray(image)], [subject])  # (1, 352, 352)
+    def __call__(self, image, item):
+        p = self.model.segment([Image.fromarray(image)], [item["subject"]])  # (1, 352, 352)
         p = F.interpolate(p[None], size=image.shape[:2], mode="bilinear", align_corners=False)
         return p[0, 0].numpy()
+
+
+class MaskSegmenter:
+    """The toy world's stand-in for CLIPSeg: the item's true mask degraded as CLIPSeg's confidence
+    would be (shifted, blurred, dented, soft-thresholded: toyworld.confidence_from_mask), seeded per
+    item. The matting then has the same work to do as on a photograph."""
+
+    def __call__(self, image, item):
+        mask = load_rgb(item["mask"], image.shape[0], mode="L") / 255.0
+        return toyworld.confidence_from_mask(mask, np.random.default_rng(item["seed"]))
 
 
 def make_trimap(p, settings):
@@ -154,12 +166,16 @@ def read_data(data, subject=None):
                 continue
             try:
                 item = json.loads(line)
+                mask = item.get("mask")
                 item = dict(image=item["image"], subject=item["subject"],
                             caption=item.get("caption", f"a {item['subject']}"))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 need = 'an object with "image" and "subject"'
                 raise ValueError(f"{data} line {n}: not {need} ({e!r})") from None
-            items.append(dict(item, path=os.path.join(os.path.dirname(data), item["image"])))
+            item["path"] = os.path.join(os.path.dirname(data), item["image"])
+            if mask is not None:
+                item["mask"] = os.path.join(os.path.dirname(data), mask)
+            items.append(item)
     if not items:
         raise ValueError(f"{data} lists no images")
     return items
@@ -215,7 +231,7 @@ def process(task):
         background = load_rgb(task["background"], settings.size)
         if _worker["segmenter"] is None:
             _worker["segmenter"] = _worker["make_segmenter"]()
-        p = _worker["segmenter"](image, task["subject"])
+        p = _worker["segmenter"](image, task)
         pair, _ = make_input(image, background, p, settings)
     except Skip as e:
         return "skipped", dict(image=task["image"], name=task["name"], reason=str(e))
@@ -229,8 +245,9 @@ def process(task):
 def build(items, backgrounds, out, make_segmenter, settings=None, workers=1, seed=0):
     """Write the pairs of `items` not yet done under `out`; returns {"records": n, "skipped": n} new.
 
-    `make_segmenter()` -> a function (image (H, W, 3) uint8, subject) -> probability (H, W), called once
-    per process; it must pickle for workers > 1 (a class or functools.partial, as CLIPSegSegmenter)."""
+    `make_segmenter()` -> a function (image (H, W, 3) uint8, item) -> probability (H, W), called once
+    per process; it must pickle for workers > 1 (a class or functools.partial, as CLIPSegSegmenter).
+    An item is its manifest entry plus "name" and "seed" (its own, for random draws)."""
     settings = settings or Settings()
     os.makedirs(os.path.join(out, "inputs"), exist_ok=True)
     os.makedirs(os.path.join(out, "targets"), exist_ok=True)
@@ -241,7 +258,8 @@ def build(items, backgrounds, out, make_segmenter, settings=None, workers=1, see
         name = item_name(index, item["image"])
         if name not in done:
             rng = np.random.default_rng([seed, index])  # per item, so independent of --workers and resumes
-            tasks.append(dict(item, name=name, background=backgrounds[rng.integers(len(backgrounds))]))
+            tasks.append(dict(item, name=name, background=backgrounds[rng.integers(len(backgrounds))],
+                              seed=int(rng.integers(2 ** 31))))
     counts = {"records": 0, "skipped": 0}
     if workers == 1:
         init_worker(make_segmenter, settings, out)
@@ -276,7 +294,9 @@ def main():
     parser.add_argument("--data", required=True, help="JSONL manifest or folder of images")
     parser.add_argument("--subject", default=None, help="the category of every image when --data is a folder")
     parser.add_argument("--backgrounds", required=True, help="folder of background images, one drawn per image")
-    parser.add_argument("--clipseg", required=True, help="CLIPSeg folder (CIDAS/clipseg-rd64-refined layout)")
+    parser.add_argument("--clipseg", default=None, help="CLIPSeg folder (CIDAS/clipseg-rd64-refined layout)")
+    parser.add_argument("--from-masks", action="store_true",
+                        help="instead of CLIPSeg, degrade each record's true \"mask\" as CLIPSeg would (the toy world)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", type=int, default=defaults.size,
                         help="side of the square crops (default %(default)s, SD-1.5's)")
@@ -300,13 +320,20 @@ def main():
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
         items = read_data(args.data, args.subject)
         backgrounds = list_backgrounds(args.backgrounds)
-        if not os.path.isfile(os.path.join(args.clipseg, "config.json")):
+        if args.from_masks:
+            if not all("mask" in item for item in items):
+                raise ValueError(f"--from-masks: every record of {args.data} needs a \"mask\" (a true mask PNG)")
+            make_segmenter = MaskSegmenter
+        elif not args.clipseg:
+            raise ValueError("give --clipseg DIR (a CLIPSeg folder, see weights/README.md) or --from-masks")
+        elif not os.path.isfile(os.path.join(args.clipseg, "config.json")):
             raise ValueError(f"--clipseg {args.clipseg} holds no config.json; see weights/README.md")
-        if not os.path.isfile(os.path.join(args.clipseg, "vocab.json")):
+        elif not os.path.isfile(os.path.join(args.clipseg, "vocab.json")):
             raise ValueError(f"--clipseg {args.clipseg} holds no tokenizer (vocab.json, merges.txt)")
+        else:
+            make_segmenter = functools.partial(CLIPSegSegmenter, args.clipseg)
         settings = Settings(args.size, args.high, args.low, args.band, args.max_unknown)
-        counts = build(items, backgrounds, args.out, functools.partial(CLIPSegSegmenter, args.clipseg),
-                       settings, args.workers, args.seed)
+        counts = build(items, backgrounds, args.out, make_segmenter, settings, args.workers, args.seed)
     except ValueError as e:  # CheckpointError (a bad --clipseg folder) is one too
         sys.exit(f"error: {e}")
     print(f"wrote {counts['records']} records to {os.path.join(args.out, 'records.jsonl')}, skipped "

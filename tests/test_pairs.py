@@ -8,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+import scipy.ndimage as ndi
 import pytest
 import torch
 from PIL import Image
@@ -28,9 +29,9 @@ class KnownMask:
     """A segmenter whose answer is known: the centred disc, where the test images draw their subject;
     nothing at all for the subject "nothing"."""
 
-    def __call__(self, image, subject):
+    def __call__(self, image, item):
         p = confidence(image.shape[0])
-        return p * 0 if subject == "nothing" else p
+        return p * 0 if item["subject"] == "nothing" else p
 
 
 def textured(width, height, seed):
@@ -178,7 +179,7 @@ def test_command_line_with_clipseg(data, tmp_path, monkeypatch, capsys):
     saved_reference(clipseg, "legacy")
     segmenter = pairs.CLIPSegSegmenter(str(clipseg))
     image = pairs.load_rgb(str(data / "images" / "shape0.png"), SIZE)
-    p = segmenter(image, "ball")
+    p = segmenter(image, {"subject": "ball"})
     assert p.shape == (SIZE, SIZE) and 0 <= p.min() <= p.max() <= 1
     with torch.no_grad():  # the upsampled map agrees with CLIPSeg's own 352 x 352 output
         small = segmenter.model.segment([Image.fromarray(image)], ["ball"])[0].numpy()
@@ -225,3 +226,30 @@ def test_bad_input_fails_before_any_work(data, monkeypatch, change, message):
         pairs.main()
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
     assert not (data / "out").exists()
+
+
+def test_toy_world_pairs_from_degraded_masks(tmp_path, monkeypatch):
+    """--from-masks: the toy world's true masks, degraded as CLIPSeg's confidence would be, then
+    trimap and matting as for photographs; the matted subject lands on the new background."""
+    import toyworld
+    monkeypatch.setattr(sys, "argv", ["toyworld.py", "data", "--n", "6", "--backgrounds", "4",
+                                      "--out", str(tmp_path / "toy")])
+    toyworld.main()
+    out = tmp_path / "pairs"
+    monkeypatch.setattr(sys, "argv", ["pairs.py", "--data", str(tmp_path / "toy" / "pairs.jsonl"), "--from-masks",
+                                      "--backgrounds", str(tmp_path / "toy" / "backgrounds"), "--out", str(out),
+                                      "--size", "64", "--band", "2"])
+    pairs.main()
+    records = read_lines(out / "records.jsonl")
+    manifest = read_lines(tmp_path / "toy" / "pairs.jsonl")
+    assert len(records) + len(read_lines(out / "skipped.jsonl")) == 6 and len(records) >= 4
+    for rec in records:
+        src = manifest[int(rec["input"].split("/")[1][:6])]
+        assert rec["caption"] in toyworld.CONTEXTS and rec["subject"] == src["subject"]
+        target = np.asarray(Image.open(out / rec["target"]), np.float64)
+        pair = np.asarray(Image.open(out / rec["input"]), np.float64)
+        mask = np.asarray(Image.open(tmp_path / "toy" / src["mask"])) / 255.0
+        assert np.array_equal(target, np.asarray(Image.open(tmp_path / "toy" / src["image"]), np.float64))
+        core, away = mask == 1, ndi.binary_dilation(mask > 0, iterations=4) == 0
+        assert np.abs(pair[core] - target[core]).mean() < 20  # the subject is kept...
+        assert np.abs(pair[away] - target[away]).mean() > 10  # ...and the old context is gone
