@@ -407,6 +407,8 @@ class BlipDiffusion(nn.Module):
         lists for several subjects mixed by `subject_weights`. subject_text: the category word (one per
         subject). target_text: the word written into the prompt (default: the first subject's).
         ctx_embeddings: precomputed (1, 16, 768) subject embeddings instead of images.
+        With no subject at all (no images, no ctx_embeddings, not a fine-tuned model) the prompt is
+        plain text-to-image: the same "a {target_text} {prompt}" text, without subject embeddings.
         controlnet, control_image (PIL), control_scale: structure control (controlnet.py), e.g. a canny
         ControlNet and `controlnet.canny_control_image(picture)`; the residuals are scaled by control_scale.
         controller: `controller(probs, place) -> probs` on every UNet attention map (unet.Attention).
@@ -417,12 +419,16 @@ class BlipDiffusion(nn.Module):
         sampler = make_sampler(scheduler, steps, self.scheduler_config.get("steps_offset"))
         if ctx_embeddings is None and subject_images is None and self.ctx_embeddings is not None:
             ctx_embeddings, subject_text = self.ctx_embeddings, self.subject_text  # a fine-tuned subject
-        if ctx_embeddings is None:
+        text_only = ctx_embeddings is None and subject_images is None
+        if text_only and not (target_text or subject_text):
+            raise ValueError("give subject_images and subject_text, ctx_embeddings, or for text only a subject_text")
+        if not text_only and ctx_embeddings is None:
             ctx_embeddings, subject_text = self.mixed_subject(subject_images, subject_text, subject_weights,
                                                               center_crop)
         target_text = target_text or (subject_text[0] if isinstance(subject_text, list) else subject_text)
-        ctx = ctx_embeddings.to(self.device, self.dtype).expand(num_images, -1, -1)
-        self.warn_if_truncated(f"a {target_text} {prompt.strip()}", MAX_LENGTH - ctx.shape[1], "prompt")
+        ctx = None if text_only else ctx_embeddings.to(self.device, self.dtype).expand(num_images, -1, -1)
+        self.warn_if_truncated(f"a {target_text} {prompt.strip()}", MAX_LENGTH - (0 if text_only else ctx.shape[1]),
+                               "prompt")
         text = self.encode_text([build_prompt(prompt, target_text, prompt_strength, prompt_reps)] * num_images, ctx)
         if guidance > 1.0:
             self.warn_if_truncated(negative_prompt, MAX_LENGTH, "negative prompt")
