@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import WEIGHTS_HELP, CheckpointError, find_weights, read_json, write_folder_atomically, write_json
+from checkpoint import (WEIGHTS_HELP, CheckpointError, find_weights, read_json, write_folder_atomically, write_json,
+                        write_part)
 from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, MAX_LENGTH, CLIPTextModel, CLIPTokenizer
 from controlnet import control_pixels
 from qformer import QFormer, QFormerTokenizer
@@ -312,20 +313,14 @@ class BlipDiffusion(nn.Module):
         """Write the published folder layout (safetensors weights); from_pretrained reads it back.
         Everything is written to a temporary folder first, so a crash or a full disk leaves the
         previous contents of `folder` as they were; other files in `folder` are kept."""
-        def part(tmp, name, module, weights):
-            os.makedirs(os.path.join(tmp, name))
-            write_json(os.path.join(tmp, name, "config.json"), asdict(module.config))
-            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                      os.path.join(tmp, name, weights))
-
         def write(tmp):
             write_json(os.path.join(tmp, "model_index.json"),
                        {"_class_name": "BlipDiffusionPipeline", "ctx_begin_pos": CTX_BEGIN_POS,
                         "mean": list(self.mean), "std": list(self.std)})
-            part(tmp, "qformer", self.qformer, "model.safetensors")
-            part(tmp, "text_encoder", self.text_encoder, "model.safetensors")
-            part(tmp, "unet", self.unet, "diffusion_pytorch_model.safetensors")
-            part(tmp, "vae", self.vae, "diffusion_pytorch_model.safetensors")
+            write_part(tmp, "qformer", asdict(self.qformer.config), self.qformer, "model.safetensors")
+            write_part(tmp, "text_encoder", asdict(self.text_encoder.config), self.text_encoder, "model.safetensors")
+            write_part(tmp, "unet", asdict(self.unet.config), self.unet, "diffusion_pytorch_model.safetensors")
+            write_part(tmp, "vae", asdict(self.vae.config), self.vae, "diffusion_pytorch_model.safetensors")
             shutil.copytree(self.tokenizer_folder, os.path.join(tmp, "tokenizer"))
             os.makedirs(os.path.join(tmp, "bert_tokenizer"))
             shutil.copyfile(self.qformer_vocab, os.path.join(tmp, "bert_tokenizer", "vocab.txt"))

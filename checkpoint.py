@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 # The names the reference libraries give their weight files, in the order we look for them.
 WEIGHT_FILES = (
@@ -45,6 +45,14 @@ def read_json(path):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_part(folder, name, config, module, weights):
+    """One model of the published folder layout: folder/name/config.json and folder/name/weights."""
+    os.makedirs(os.path.join(folder, name))
+    write_json(os.path.join(folder, name, "config.json"), config)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+              os.path.join(folder, name, weights))
 
 
 def write_json(path, obj):

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -118,3 +119,98 @@ def write_bert_vocab(captions, path):
     with open(path, "w") as f:
         f.write("\n".join(tokens) + "\n")
     return len(tokens) + 1  # + [DEC], which the Q-Former adds as the last id
+
+
+# ---------------------------------------------------------------------------------------------
+# The curriculum: every stage, in order, by the project's own commands
+# ---------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def curriculum(out, data_size, override=()):
+    """The commands that train the toy model from nothing, as (name, the output that marks it done,
+    argv). Hyper-parameters are the toy's (stage 0 as train.py's defaults); each stage has its own
+    --out, so its log and checkpoints are its own and an interrupted stage resumes. `override`:
+    train.py flags appended to every stage (a smoke test's --steps 2)."""
+    d = lambda *p: os.path.join(out, *p)
+    stage = lambda name, *rest: ["train.py", "--stage", name, "--out", d(name), "--log-every", "50", *rest, *override]
+    return [
+        ("data", d("data", "records.jsonl"),
+         ["toyworld.py", "data", "--n", str(data_size), "--out", d("data")]),
+        ("pairs", None,  # pairs.py resumes by itself: items already written are not redone
+         ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
+          "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2", "--workers", str(os.cpu_count() or 1)]),
+        ("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", d("data", "records.jsonl"))),
+        ("clip", d("clip", "text_encoder"), stage("clip", "--model", "toy", "--data", d("data", "records.jsonl"))),
+        ("base", d("base", "tokenizer"), None),  # vae/, text_encoder/, tokenizer/ gathered for the UNet
+        ("t2i", d("t2i", "unet"),
+         stage("t2i", "--model", "toy", "--data", d("data", "records.jsonl"), "--sd", d("base"))),
+        ("multimodal", d("multimodal", "qformer"),
+         stage("multimodal", "--model", "toy", "--data", d("data", "records.jsonl"), "--clip-vision",
+               d("clip", "vision_model"), "--bert", d("clip", "bert_tokenizer"), "--steps", "600",
+               "--batch-size", "64", "--lr", "1e-3", "--warmup", "50", "--weight-decay", "0.05")),
+        ("subject", d("subject", "model_index.json"),
+         stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
+               "--steps", "2000", "--batch-size", "32", "--lr", "5e-4", "--caption-drop", "0.05")),
+    ]
+
+
+def gather_base(out):
+    """The toy's 'Stable Diffusion' folder: stage 0's VAE, text encoder and tokenizer (the UNet joins
+    it after --stage t2i), in the diffusers layout train.py --sd reads."""
+    from checkpoint import write_folder_atomically
+
+    def write(tmp):
+        shutil.copytree(os.path.join(out, "vae", "vae"), os.path.join(tmp, "vae"))
+        for part in ("text_encoder", "tokenizer"):
+            shutil.copytree(os.path.join(out, "clip", part), os.path.join(tmp, part))
+
+    write_folder_atomically(os.path.join(out, "base"), write, merge=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the toy BLIP-Diffusion from nothing: the toy world's data, "
+                                            "stage 0 (VAE, CLIP pair, text-to-image UNet), stage 1, pairs, stage 2.")
+    p.add_argument("--out", default="runs/toy", help="working folder: one sub-folder per stage; rerun to resume")
+    p.add_argument("--install", default="weights/toy", help="where the trained model is copied at the end ('' : not)")
+    p.add_argument("--data-size", type=int, default=20000, help="pictures of training identities")
+    p.add_argument("--steps", type=int, default=None, help="every stage this many steps (a smoke test)")
+    p.add_argument("--batch-size", type=int, default=None, help="every stage this batch (a smoke test)")
+    args = p.parse_args(argv)
+    override = (["--steps", str(args.steps)] if args.steps else []) + (
+        ["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    from checkpoint import write_folder_atomically
+    times, start = {}, time.time()
+    for name, done, command in curriculum(args.out, args.data_size, override):
+        if done and os.path.exists(done):
+            print(f"[{name}] done already ({done})")
+            continue
+        t0 = time.time()
+        if name == "base":
+            gather_base(args.out)
+        else:
+            print(f"[{name}] python {' '.join(command)}", flush=True)
+            if subprocess.run([sys.executable, *command], cwd=HERE).returncode:
+                sys.exit(f"error: the {name} stage failed (its message is above); fix it and rerun to resume")
+        times[name] = round(time.time() - t0, 1)
+        if name == "t2i":  # the base model is complete: the UNet joins the folder stage 2 starts from
+            write_folder_atomically(os.path.join(args.out, "base"),
+                                    lambda tmp: shutil.copytree(os.path.join(args.out, "t2i", "unet"),
+                                                                os.path.join(tmp, "unet")), merge=True)
+    total = round(time.time() - start, 1)
+    with open(os.path.join(args.out, "times.json"), "w") as f:
+        json.dump({"stages_s": times, "total_s": total}, f, indent=1)
+    if args.install:
+        model = os.path.join(args.out, "subject")
+        keep = [n for n in os.listdir(model) if n not in ("checkpoints", "samples", "log.jsonl") and not n.startswith(".")]
+        write_folder_atomically(args.install, lambda tmp: [
+            (shutil.copytree if os.path.isdir(os.path.join(model, n)) else shutil.copyfile)(
+                os.path.join(model, n), os.path.join(tmp, n)) for n in keep], merge=True)
+    print(f"trained the toy model in {total / 60:.1f} min (per stage: {args.out}/times.json); "
+          + (f"installed in {args.install} (python sample.py uses it by default)" if args.install
+             else f"the model is in {args.out}/subject"))
+
+
+if __name__ == "__main__":
+    main()

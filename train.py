@@ -12,8 +12,13 @@ fine-tuning recipe (../shared/reference/blip-diffusion.md §5.4, §5.7).
   --stage finetune    subject-specific fine-tuning: the subject's embeddings are averaged once and
                       trained as a parameter together with the UNet (LAVIS' released recipe).
 
-    python train.py --stage subject --model tiny --data synthetic --steps 20 --out runs/tiny
-    torchrun --standalone --nproc_per_node 2 train.py --stage subject --model tiny --data synthetic --out runs/tiny
+What the paper takes from Stable Diffusion and CLIP is trained here too, for the toy model
+(--model toy, toymodel.py runs the whole curriculum): --stage vae (the autoencoder), --stage clip
+(tokenizers learnt from the captions, then a CLIP image/text pair, contrastive) and --stage t2i (the
+text-to-image UNet under the frozen text encoder), each writing its part into --out.
+
+    python train.py --stage subject --model tiny --data toy --steps 20 --out runs/tiny
+    torchrun --standalone --nproc_per_node 2 train.py --stage subject --model tiny --data toy --out runs/tiny
     python train.py --stage finetune --weights weights/blipdiffusion --subject dog/ --subject-text dog --out runs/dog
 
 Distributed the nanoGPT way: RANK in the environment means torchrun started us; only rank 0 prints
@@ -25,6 +30,7 @@ resumed run continues exactly.
 """
 
 import argparse
+import dataclasses
 import functools
 import glob
 import json
@@ -45,11 +51,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import toymodel
 import toyworld
-from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, image_files,
-                      preprocess_subject, q_sample)
-from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json
-from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, VisionConfig, VisionTransformer
+from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, build_prompt,
+                      image_files, preprocess_subject, q_sample)
+from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json, write_part
+from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, AutoencoderKLConfig
@@ -58,6 +65,10 @@ from vae import AutoencoderKL, AutoencoderKLConfig
 SUBJECT_DROP = 0.15
 # BLIP-2 stage 1 (LAVIS blip2_qformer): captions cut to 32 tokens.
 MAX_CAPTION_TOKENS = 32
+# The stages that train what the paper takes from Stable Diffusion (toy model only).
+BASE_STAGES = ("vae", "clip", "t2i")
+# LDM's autoencoder: the KL term weighs 1e-6 against the per-pixel reconstruction loss.
+KL_WEIGHT = 1e-6
 
 
 class TrainError(Exception):
@@ -121,20 +132,26 @@ def tiny_model(folder, seed=0):
     return no_dropout(BlipDiffusion(qformer, text, unet, vae, tok, vocab, image_size=(32, 32)))
 
 
-def stage2_from_sd(sd_file, qformer_dir, tokenizer_dir, configs=None):
-    """Stage 2's start as the paper describes it: Stable Diffusion v1.5 (the single-file checkpoint:
-    UNet, VAE, text encoder) and the Q-Former of stage 1 (train.py --stage multimodal --out DIR).
-    `configs` (unet, vae, text_encoder) default to SD-1.5's."""
-    for path in (sd_file, os.path.join(qformer_dir, "qformer"), os.path.join(tokenizer_dir, "vocab.json")):
+def stage2_from_sd(sd, qformer_dir, tokenizer_dir=None, configs=None):
+    """Stage 2's start as the paper describes it: Stable Diffusion v1.5 and the Q-Former of stage 1
+    (train.py --stage multimodal --out DIR). `sd` is SD's single-file checkpoint (UNet, VAE, text
+    encoder; `configs` (unet, vae, text_encoder) default to SD-1.5's) or a folder in the diffusers
+    layout (unet/, vae/, text_encoder/, tokenizer/), as the toy's stage 0 writes."""
+    tokenizer_dir = tokenizer_dir or os.path.join(sd, "tokenizer")
+    for path in (sd, os.path.join(qformer_dir, "qformer"), os.path.join(tokenizer_dir, "vocab.json")):
         if not os.path.exists(path):
             raise TrainError(f"{path}: missing; stage 2 from scratch needs --sd, --qformer (a stage-1 output) "
                              f"and --tokenizer (a CLIP tokenizer folder)")
-    sd = read_tensors(sd_file)
-    unet_cfg, vae_cfg, text_cfg = configs or (None, None, None)
-    return BlipDiffusion(QFormer.from_pretrained(os.path.join(qformer_dir, "qformer")),
-                         CLIPTextModel.from_compvis(sd, text_cfg), UNet.from_compvis(sd, unet_cfg),
-                         AutoencoderKL.from_compvis(sd, vae_cfg), tokenizer_dir,
-                         os.path.join(qformer_dir, "bert_tokenizer", "vocab.txt"))
+    qformer = QFormer.from_pretrained(os.path.join(qformer_dir, "qformer"))
+    if os.path.isdir(sd):
+        parts = (CLIPTextModel.from_pretrained(os.path.join(sd, "text_encoder")),
+                 UNet.from_pretrained(os.path.join(sd, "unet")), AutoencoderKL.from_pretrained(os.path.join(sd, "vae")))
+    else:
+        state, (unet_cfg, vae_cfg, text_cfg) = read_tensors(sd), configs or (None, None, None)
+        parts = (CLIPTextModel.from_compvis(state, text_cfg), UNet.from_compvis(state, unet_cfg),
+                 AutoencoderKL.from_compvis(state, vae_cfg))
+    return BlipDiffusion(qformer, *parts, tokenizer_dir, os.path.join(qformer_dir, "bert_tokenizer", "vocab.txt"),
+                         image_size=(qformer.config.vision_config.image_size,) * 2)
 
 
 def stage1_model(args):
@@ -147,6 +164,17 @@ def stage1_model(args):
     if not args.bert or not args.clip_vision:
         raise TrainError("--stage multimodal needs --bert DIR (bert-base-uncased) and --clip-vision DIR "
                          "(openai/clip-vit-large-patch14), or --model tiny")
+    if args.model == "toy":
+        # The toy's image tower from --stage clip (DIR/vision_model) and its WordPiece vocabulary
+        # (DIR/bert_tokenizer); the Q-Former starts from scratch, there being no toy BERT.
+        vocab = os.path.join(args.bert, "vocab.txt")
+        if not os.path.isfile(vocab):
+            raise TrainError(f"{vocab}: missing; for --model toy give --bert DIR/bert_tokenizer of --stage clip")
+        vit = VisionTransformer.from_pretrained(args.clip_vision)
+        torch.manual_seed(args.seed)
+        model = Blip2Pretraining(toymodel.blip2_config(sum(1 for _ in open(vocab)) + 1, vit.config))
+        model.qformer.visual_encoder = vit
+        return model, vocab
     vocab = os.path.join(args.bert, "vocab.txt")
     if not os.path.isfile(vocab):
         raise TrainError(f"{vocab}: missing; the BERT folder must hold its vocab.txt")
@@ -165,7 +193,7 @@ def stage1_model(args):
 # Data: JSONL manifests, subject folders, and the toy world (toyworld.py) for laptops and tests
 # ---------------------------------------------------------------------------------------------
 
-def synthetic_records(stage, n=64, seed=0):
+def toy_records(stage, n=64, seed=0):
     """Records from the toy world's training identities, in the form the manifests give (PIL images
     instead of paths). For stage 2 the prompted context is made from the world's true mask: the
     subject pasted on a picture of another context (pairs.py does it with CLIPSeg and matting)."""
@@ -173,7 +201,7 @@ def synthetic_records(stage, n=64, seed=0):
     records = []
     for _ in range(n):
         s = toyworld.sample(rng, "train")
-        if stage == "multimodal":
+        if stage != "subject":
             records.append({"image": s.image, "caption": s.caption})
             continue
         contexts = toyworld.CONTEXTS
@@ -190,7 +218,7 @@ def read_manifest(path, keys):
     if os.path.isdir(path):
         path = os.path.join(path, "records.jsonl")
     if not os.path.isfile(path):
-        raise TrainError(f"{path}: no such data file; give a JSONL manifest (or 'synthetic')")
+        raise TrainError(f"{path}: no such data file; give a JSONL manifest (or 'toy')")
     base, records = os.path.dirname(os.path.abspath(path)), []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -303,6 +331,93 @@ class FinetuneStage(nn.Module):
         return F.mse_loss(self.unet(noisy, t, text).float(), noise.float())
 
 
+class VAEStage(nn.Module):
+    """Stage 0, the autoencoder: per-pixel L1 reconstruction of z = mean + std·n, plus KL_WEIGHT times
+    the KL divergence to N(0, I) (per pixel, LDM's balance; its perceptual and GAN losses are left out:
+    the toy world's flat colours need neither)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images, noise):
+        post = self.vae.encode(images)
+        recon = self.vae.decode(post.mean + post.std * noise)
+        kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        return (recon.float() - images.float()).abs().mean() + KL_WEIGHT * kl / images[0].numel()
+
+
+class CLIPStage(nn.Module):
+    """Stage 0, a CLIP pair (Radford et al. 2021): image and text embeddings, each projected and
+    L2-normalised, matched by a symmetric cross-entropy over the batch at a learnt temperature. The
+    image embedding is the class token of the tower BLIP-2 freezes; the text one the EOS position."""
+
+    def __init__(self, vision, text, eos_id, embed_dim=toymodel.WIDTH):
+        super().__init__()
+        self.vision, self.text, self.eos_id = vision, text, eos_id
+        self.visual_projection = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def forward(self, pixel_values, ids):
+        image = F.normalize(self.visual_projection(self.vision(pixel_values)[:, 0]), dim=-1)
+        eos = (ids == self.eos_id).int().argmax(dim=1)  # the first EOS (CLIP pads with EOS too)
+        text = self.text(ids)[torch.arange(len(ids), device=ids.device), eos]
+        text = F.normalize(self.text_projection(text), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B): image i vs caption j
+        labels = torch.arange(len(ids), device=ids.device)
+        return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
+
+
+class T2IStage(nn.Module):
+    """Stage 0, Stable Diffusion's text-to-image training: ε-prediction under the frozen text encoder."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = [text_encoder]  # in a list: frozen, so not a DDP-managed submodule
+
+    def forward(self, ids, noisy, t, noise):
+        with torch.no_grad():
+            text = self.text_encoder[0](ids)
+        return F.mse_loss(self.unet(noisy, t, text).float(), noise.float())
+
+
+def base_stage(args, records, extra):
+    """The toy's stage 0 -> (trainable module, frozen modules, configs): a fresh VAE; tokenizers
+    learnt from the captions, then a fresh CLIP pair; or a fresh UNet on --sd's VAE and text encoder."""
+    if args.model != "toy":
+        raise TrainError(f"--stage {args.stage} trains what the paper takes from Stable Diffusion: only with --model toy")
+    torch.manual_seed(args.seed)
+    extra["size"] = args.image_size or toymodel.IMAGE_SIZE
+    if args.stage == "vae":
+        vae = AutoencoderKL(toymodel.vae_config())
+        extra["latent_shape"] = (vae.config.latent_channels,) + (extra["size"] // 8,) * 2  # of a half-side crop
+        scale_set = [im for im in (load_image(rec["image"]) for rec in records[:256]) if im is not None]
+        extra["scale_images"] = torch.stack([to_target(im, extra["size"]) for im in scale_set])
+        return VAEStage(vae), [], {"vae": asdict(vae.config)}
+    if args.stage == "clip":
+        # The tokenizers come first and once: a resumed run finds them in --out and keeps them.
+        captions = [rec["caption"] for rec in records]
+        folder = os.path.join(args.out, "tokenizer")
+        if not os.path.isfile(os.path.join(folder, "vocab.json")):
+            write_folder_atomically(folder, lambda tmp: toymodel.train_clip_tokenizer(captions, tmp))
+            bert = os.path.join(args.out, "bert_tokenizer")
+            write_folder_atomically(bert, lambda tmp: toymodel.write_bert_vocab(captions, os.path.join(tmp, "vocab.txt")))
+        tokenizer = extra["tokenizer"] = CLIPTokenizer.from_folder(folder)
+        text = CLIPTextModel(toymodel.text_config(tokenizer.tokenizer.get_vocab_size()))
+        vision = VisionTransformer(toymodel.vision_config())
+        return CLIPStage(vision, text, tokenizer.eos_id), [], {"text": asdict(text.config), "vision": asdict(vision.config)}
+    if not args.sd or not all(os.path.isdir(os.path.join(args.sd, d)) for d in ("vae", "text_encoder", "tokenizer")):
+        raise TrainError("--stage t2i needs --sd DIR holding vae/, text_encoder/ and tokenizer/ "
+                         "(the --out of --stage vae and --stage clip)")
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.sd, "vae"))
+    text = CLIPTextModel.from_pretrained(os.path.join(args.sd, "text_encoder"))
+    extra.update(vae=vae, tokenizer=CLIPTokenizer.from_folder(os.path.join(args.sd, "tokenizer")))
+    unet = UNet(toymodel.unet_config())
+    return T2IStage(unet, text), [vae, text], {"unet": asdict(unet.config), "vae": asdict(vae.config)}
+
+
 def encode_latents(vae, images, gens):
     """Frozen VAE: z = (mean + std·n) · scaling_factor, n drawn per sample from its generator."""
     post = vae.encode(images)
@@ -360,12 +475,16 @@ def load_checkpoint(path, trainable, optimizer, schedule, fingerprint):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train BLIP-Diffusion: stage 1, stage 2, or subject fine-tuning.")
-    p.add_argument("--stage", choices=("multimodal", "subject", "finetune"), required=True)
-    p.add_argument("--model", choices=("published", "tiny"), default="published",
-                   help="published: start from --weights; tiny: a small random model (CPU, seconds)")
+    p.add_argument("--stage", choices=("multimodal", "subject", "finetune") + BASE_STAGES, required=True,
+                   help="vae, clip, t2i: the toy's stage 0 (what the paper takes from SD and CLIP)")
+    p.add_argument("--model", choices=("published", "tiny", "toy"), default="published",
+                   help="published: start from --weights; tiny: a small random model (CPU, seconds); "
+                        "toy: toymodel.py's sizes (stage 0, and stage 1 from the toy's image tower)")
     p.add_argument("--weights", default=None, help="a BLIP-Diffusion folder in the published layout to start from")
-    p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), or 'synthetic'")
-    p.add_argument("--sd", default=None, help="subject: SD v1.5's single file (v1-5-pruned-emaonly.safetensors) to start from")
+    p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), or "
+                                                 "'toy' (64 pictures of the toy world, made on the spot)")
+    p.add_argument("--sd", default=None, help="subject, t2i: SD v1.5's single file (v1-5-pruned-emaonly.safetensors) "
+                                               "or a diffusers-layout folder (the toy's stage-0 --out) to start from")
     p.add_argument("--qformer", default=None, help="subject: a stage-1 output folder (its qformer/ and bert_tokenizer/)")
     p.add_argument("--tokenizer", default=None, help="subject: SD v1.5's CLIP tokenizer folder (vocab.json, merges.txt)")
     p.add_argument("--bert", default=None, help="multimodal: a bert-base-uncased folder (config, weights, vocab.txt)")
@@ -380,6 +499,9 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW decay (default: 0.05 / 0 / 0.01)")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: stage 1 5000, else 0)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--caption-drop", type=float, default=None,
+                   help="share of steps trained on the empty prompt, for classifier-free guidance "
+                        "(default: t2i 0.1 as SD; else 0, the paper's stage 2 has only the subject drop)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
@@ -402,8 +524,10 @@ def main(argv=None):
 # Defaults per stage: (steps, global batch, lr, weight decay, warm-up). Stage 1 as BLIP-2 (250k steps,
 # lr 1e-4, decay 0.05, LAVIS' 5000 warm-up steps; its batch of 2320 is over 16 A100s); stage 2 as the
 # paper (constant lr 2e-6, batch 16; 500k steps is our reading, unverified); fine-tuning as LAVIS.
+# The toy's stage 0 as toymodel.py runs it.
 STAGE_DEFAULTS = {"multimodal": (250_000, 2320, 1e-4, 0.05, 5000), "subject": (500_000, 16, 2e-6, 0.0, 0),
-                  "finetune": (40, 3, 5e-6, 0.01, 0)}
+                  "finetune": (40, 3, 5e-6, 0.01, 0), "vae": (1000, 32, 1e-3, 0.0, 50),
+                  "clip": (500, 64, 1e-3, 0.1, 50), "t2i": (1500, 32, 1e-3, 0.0, 50)}
 
 
 def setup_distributed():
@@ -423,12 +547,12 @@ def read_records(args):
         if not args.subject or not args.subject_text:
             raise TrainError("--stage finetune needs --subject FOLDER and --subject-text WORD")
         return [{"image": f} for f in subject_folder(args.subject)]
-    if args.data == "synthetic":
-        return synthetic_records(args.stage, seed=args.seed)
+    if args.data == "toy":
+        return toy_records(args.stage, seed=args.seed)
     if args.data:
-        keys = ("image", "caption") if args.stage == "multimodal" else ("input", "target", "subject", "caption")
+        keys = ("input", "target", "subject", "caption") if args.stage == "subject" else ("image", "caption")
         return read_manifest(args.data, keys)
-    raise TrainError("give --data (a JSONL manifest; pairs.py's records.jsonl for --stage subject) or 'synthetic'")
+    raise TrainError("give --data (a JSONL manifest; pairs.py's records.jsonl for --stage subject) or 'toy'")
 
 
 def train(args):
@@ -439,10 +563,10 @@ def train(args):
     decay = default_decay if args.weight_decay is None else args.weight_decay
     warmup = default_warmup if args.warmup is None else args.warmup
     records = read_records(args)
-    if stage != "multimodal" and args.model == "published" and not args.weights and not (
-            stage == "subject" and args.sd and args.qformer and args.tokenizer):
+    if stage in ("subject", "finetune") and args.model == "published" and not args.weights and not (
+            stage == "subject" and args.sd and args.qformer and (args.tokenizer or os.path.isdir(args.sd))):
         raise TrainError("give --weights DIR (a published-layout folder), --model tiny, or for stage 2 "
-                         "--sd FILE --qformer DIR --tokenizer DIR")
+                         "--sd FILE --qformer DIR --tokenizer DIR (or --sd FOLDER --qformer DIR)")
 
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
@@ -455,7 +579,13 @@ def train(args):
     # The model: identical initial weights on every rank (a seeded build, or the same files), and the
     # module of its trainable parts that DDP wraps. Frozen parts: eval mode, no gradients.
     model, frozen, extra = None, [], {}
-    if stage == "multimodal":
+    extra["caption_drop"] = (0.1 if stage == "t2i" else 0.0) if args.caption_drop is None else args.caption_drop
+    if stage in BASE_STAGES:
+        trainable, frozen, configs = base_stage(args, records, extra)
+        trainable.to(device)
+        for m in frozen:
+            m.to(device)
+    elif stage == "multimodal":
         pre, vocab = stage1_model(args)
         trainable = MultimodalStage(pre.to(device))
         frozen = [m for m in pre.qformer.visual_encoder.children() if m is not pre.qformer.visual_encoder.post_layernorm]
@@ -464,6 +594,9 @@ def train(args):
     else:
         if args.model == "tiny":
             model = tiny_model(os.path.join(args.out, ".tiny"), args.seed)
+        elif args.model == "toy" and not (args.weights or args.sd):
+            raise TrainError(f"--stage {stage} --model toy starts from --sd DIR (stage 0's --out) and --qformer "
+                             f"DIR (stage 1's), or from --weights DIR")
         elif args.weights:
             model = BlipDiffusion.from_pretrained(args.weights)
         else:
@@ -574,7 +707,7 @@ def train(args):
                     write_sample(model, records, args, done, extra["size"])
     if master:
         print(f"trained {stage} for {steps} steps: the model is in {args.out}"
-              + ("" if stage == "multimodal" else f" (sample.py --weights {args.out})")
+              + ("" if stage in ("multimodal",) + BASE_STAGES else f" (sample.py --weights {args.out})")
               + f", checkpoints in {args.out}/checkpoints, log in {args.out}/log.jsonl"
               + (f"; {data.skipped} unreadable images skipped" if data.skipped else ""))
     if ddp:
@@ -593,7 +726,7 @@ class Batches:
         self.skipped = 0
 
     def readable(self, index):
-        keys = {"multimodal": ("image",), "finetune": ("image",), "subject": ("input", "target")}[self.stage]
+        keys = ("input", "target") if self.stage == "subject" else ("image",)
         for j in range(len(self.records)):
             rec = self.records[(index + j) % len(self.records)]
             pics = [load_image(rec[k]) for k in keys]
@@ -604,6 +737,8 @@ class Batches:
 
     def __call__(self, step, indices, rank):
         items = [self.readable(i) for i in indices]
+        if self.stage in BASE_STAGES:
+            return self.base(step, indices, items)
         if self.stage == "multimodal":
             pre = self.trainable.pretraining
             pixels = preprocess_subject([pics[0] for _, pics in items], (pre.qformer.config.vision_config.image_size,) * 2)
@@ -625,14 +760,48 @@ class Batches:
         with torch.no_grad(), self.autocast:
             image_embeds = model.qformer.visual_encoder(inputs.to(self.device))
         qf_ids, qf_mask = model.qformer_tokenizer([rec["subject"] for rec, _ in items])
-        # Our choice (the paper does not say where the subject prompt goes in pre-training): the
-        # inference template "a {subject} {caption}" with the subject embeddings after "a".
-        prompts = [f"a {rec['subject']} {rec['caption']}" for rec, _ in items]
+        # Our choice (the paper does not say where the subject prompt goes in pre-training): the text
+        # exactly as inference builds it (blipdiff.build_prompt, "a {subject} {caption}" repeated) with
+        # the subject embeddings after its "a". Dropped: the same text alone, or with --caption-drop
+        # the empty prompt that guidance contrasts with.
+        prompts = [build_prompt(rec["caption"], rec["subject"]) for rec, _ in items]
         ids_ctx = model.tokenizer(prompts, max_length=MAX_LENGTH - model.qformer.config.num_query_tokens)
-        ids_plain = model.tokenizer([rec["caption"] for rec, _ in items], max_length=MAX_LENGTH)
-        drop = torch.tensor([float(torch.rand(1, generator=g)) < SUBJECT_DROP for g in gens])
+        u = [float(torch.rand(1, generator=g)) for g in gens]
+        drop = torch.tensor([x < SUBJECT_DROP + self.extra["caption_drop"] for x in u])
+        plain = [p if x < SUBJECT_DROP else "" for p, x in zip(prompts, u)]
+        ids_plain = model.tokenizer(plain, max_length=MAX_LENGTH)
         return (image_embeds, qf_ids.to(self.device), qf_mask.to(self.device), ids_ctx.to(self.device),
                 ids_plain.to(self.device), drop.to(self.device), noisy, t, noise)
+
+
+    def base(self, step, indices, items):
+        """The toy's stage 0: pictures (and noise) for the VAE, pictures and captions for the CLIP pair,
+        latents of the frozen VAE and captions (the empty one at --caption-drop) for the UNet."""
+        gens = [sample_generator(self.seed, step, i) for i in indices]
+        if self.stage == "clip":
+            vision = self.trainable.vision.config
+            pixels = preprocess_subject([pics[0] for _, pics in items], (vision.image_size,) * 2)
+            ids = self.extra["tokenizer"]([rec["caption"] for rec, _ in items], max_length=MAX_LENGTH)
+            # The mask is causal, so what the EOS position sees ends there: the padding after the
+            # longest caption changes nothing and is cut (a 77-token batch costs ~7x more).
+            ids = ids[:, :int((ids == self.trainable.eos_id).int().argmax(dim=1).max()) + 1]
+            return pixels.to(self.device), ids.to(self.device)
+        images = torch.stack([to_target(pics[0], self.extra["size"]) for _, pics in items]).to(self.device)
+        if self.stage == "vae":
+            # Random crops of half the side, as LDM trains its autoencoder on crops: the network is
+            # convolutional (but for one attention layer), and a quarter of the pixels is a quarter of the time.
+            c = self.extra["size"] // 2
+            corners = [torch.randint(0, c + 1, (2,), generator=g).tolist() for g in gens]
+            images = torch.stack([im[:, y:y + c, x:x + c] for im, (y, x) in zip(images, corners)])
+            noise = torch.stack([torch.randn(self.extra["latent_shape"], generator=g) for g in gens])
+            return images, noise.to(self.device)
+        with torch.no_grad(), self.autocast:
+            latents = encode_latents(self.extra["vae"], images, gens)
+        noise, t = noise_and_timesteps(latents, gens)
+        captions = ["" if float(torch.rand(1, generator=g)) < self.extra["caption_drop"] else rec["caption"]
+                    for g, (rec, _) in zip(gens, items)]
+        ids = self.extra["tokenizer"](captions, max_length=MAX_LENGTH)
+        return ids.to(self.device), q_sample(latents, noise, t, self.alphas), t, noise
 
 
 class ema_weights:
@@ -655,14 +824,25 @@ def export(stage, model, trainable, extra, args):
     """The trained model into --out: the published BLIP-Diffusion layout (stages 2 and fine-tuning),
     or stage 1's Q-Former in the layout of the published `qformer/` folder plus BERT's vocab.txt
     (the start of stage 2) and the pre-training heads (to continue stage 1)."""
+    if stage in BASE_STAGES:
+        def write(tmp):
+            if stage == "vae":
+                write_part(tmp, "vae", asdict(vae_with_scale(trainable.vae, extra["scale_images"])), trainable.vae,
+                           "diffusion_pytorch_model.safetensors")
+            elif stage == "clip":
+                write_part(tmp, "text_encoder", asdict(trainable.text.config), trainable.text, "model.safetensors")
+                write_part(tmp, "vision_model", asdict(trainable.vision.config), trainable.vision, "model.safetensors")
+            else:
+                write_part(tmp, "unet", asdict(trainable.unet.config), trainable.unet,
+                           "diffusion_pytorch_model.safetensors")
+
+        write_folder_atomically(args.out, write, merge=True)
+        return
     if stage == "multimodal":
         pre = trainable.pretraining
 
         def write(tmp):
-            os.makedirs(os.path.join(tmp, "qformer"))
-            write_json(os.path.join(tmp, "qformer", "config.json"), asdict(pre.qformer.config))
-            save_file({k: v.detach().contiguous().cpu() for k, v in pre.qformer.state_dict().items()},
-                      os.path.join(tmp, "qformer", "model.safetensors"))
+            write_part(tmp, "qformer", asdict(pre.qformer.config), pre.qformer, "model.safetensors")
             os.makedirs(os.path.join(tmp, "bert_tokenizer"))
             shutil.copyfile(extra["vocab"], os.path.join(tmp, "bert_tokenizer", "vocab.txt"))
             save_file({k: v.detach().contiguous().cpu() for k, v in pre.state_dict().items()
@@ -674,6 +854,15 @@ def export(stage, model, trainable, extra, args):
         model.ctx_embeddings = nn.Parameter(trainable.ctx_embeddings.detach().clone(), requires_grad=False)
         model.subject_text = args.subject_text
     model.save_pretrained(args.out)
+
+
+@torch.no_grad()
+def vae_with_scale(vae, images):
+    """The VAE's config with LDM's scaling factor measured: 1 / std of the latents of `images`, so
+    the diffusion model sees latents of unit variance (SD-1.5's 0.18215 was found the same way)."""
+    post = vae.encode(images.to(next(vae.parameters()).device))
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)).to(post.mean)
+    return dataclasses.replace(vae.config, scaling_factor=round(1 / float(z.float().std()), 5))
 
 
 def write_sample(model, records, args, step, size):

@@ -108,3 +108,43 @@ def test_the_shipped_oracle_reads_the_world():
     f = oracle.features(images)
     assert f.shape == (8, oracle.config.feature_dim)
     assert torch.allclose(f, oracle.features(x), atol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isfile(ORACLE), reason="weights/toy/oracle.safetensors not trained yet")
+def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from PIL import Image
+
+    import train
+    torch.set_num_threads(1)
+    model = train.tiny_model(str(tmp_path / "tiny_src"))
+    model.save_pretrained(str(tmp_path / "model"))
+    sheet, out = tmp_path / "sheet.png", tmp_path / "eval.json"
+    monkeypatch.setattr(sys, "argv", [
+        "toyworld.py", "evaluate", "--weights", str(tmp_path / "model"), "--oracle", ORACLE, "--subjects", "2",
+        "--contexts", "2", "--refs", "2", "--steps", "2", "--finetune-steps", "2", "--threads", "1",
+        "--sheet", str(sheet), "--json", str(out)])
+    tw.main()
+    printed = capsys.readouterr().out
+    assert "| method | subject fidelity | prompt fidelity | oracle-feature cosine |" in printed
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"text-only", "zero-shot", "fine-tuned"}
+    for row in result["rows"].values():
+        assert row["generations"] == 2 * 2  # subjects x contexts
+        assert all(0 <= row[k] <= 1 for k in ("subject_fidelity", "prompt_fidelity", "category", "color", "pattern"))
+        assert -1 <= row["feature_cosine"] <= 1
+    # The layout: per subject one row per method; each row the first reference, then one picture per context.
+    side = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    zoom = 2
+    with Image.open(sheet) as im:
+        assert im.size == (zoom * side * (1 + 2), zoom * side * 3 * 2)
+    assert not list(tmp_path.glob(".*"))  # the atomic writes left no temporary file behind
+
+
+def test_evaluate_says_what_is_missing(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys, "argv", ["toyworld.py", "evaluate", "--weights", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="no BLIP-Diffusion model there"):
+        tw.main()

@@ -16,7 +16,7 @@ import train
 from checkpoint import read_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "tiny", "--data", "synthetic"]
+TINY = ["--model", "tiny", "--data", "toy"]
 
 
 def losses(out):
