@@ -1,10 +1,12 @@
 """Zero-shot subject-driven generation from the command line (BLIP-Diffusion, §3.2).
 
+    python sample.py --subject examples/red-dotted-ball.png --subject-text ball --prompt "in the snow"
     python sample.py --weights weights/blipdiffusion --subject dog.png --subject-text dog \\
         --prompt "swimming underwater" --out out.png
 
-Defaults reproduce diffusers' BlipDiffusionPipeline: 50 PNDM steps, guidance 7.5, 512x512, an
-empty negative prompt, the prompt repeated 20 times. Everything is checked before the weights are
+Without --weights the shipped toy model (weights/toy, trained by toymodel.py) is used. Defaults
+reproduce diffusers' BlipDiffusionPipeline: 50 PNDM steps, guidance 7.5, the model's own resolution
+(512x512 for the published model, 64x64 for the toy), an empty negative prompt, the prompt repeated 20 times. Everything is checked before the weights are
 read, so bad input costs a second, prints one line and writes nothing.
 """
 
@@ -131,7 +133,8 @@ def pick_device(name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Render a subject in a new context (BLIP-Diffusion, zero-shot).")
-    p.add_argument("--weights", default="weights/blipdiffusion", help="published-layout folder (weights/README.md)")
+    p.add_argument("--weights", default="weights/toy",
+                   help="published-layout folder: the shipped toy model, or e.g. weights/blipdiffusion (weights/README.md)")
     p.add_argument("--subject", action="append", default=[], metavar="PATH",
                    help="an image or a folder of images of one subject; repeat for several subjects "
                         "(not needed with a model fine-tuned by train.py --stage finetune)")
@@ -145,8 +148,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed + k")
-    p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8")
-    p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's, 512 published)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm",
                    help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM")
     p.add_argument("--num-images", type=int, default=1)
@@ -174,7 +177,7 @@ def main(argv=None):
 
     # Everything that can be wrong with the input is checked before the weights are read.
     try:
-        if args.height % 8 or args.width % 8 or args.height <= 0 or args.width <= 0:
+        if any(s is not None and (s % 8 or s <= 0) for s in (args.height, args.width)):
             raise InputError(f"--height/--width {args.height}x{args.width}: use positive multiples of 8 (e.g. 512)")
         if args.steps < 1:
             raise InputError(f"--steps {args.steps}: must be at least 1")
@@ -215,6 +218,9 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The resolution the model was trained at: latent side x the VAE's downsampling (SD-1.5: 64 x 8).
+    side = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    args.height, args.width = args.height or side, args.width or side
     if args.edit_word:
         import editing
         common = dict(subject_images=subjects[0] if subjects else None, subject_text=args.subject_text[0] if subjects else None,

@@ -1,0 +1,75 @@
+"""The toy model (toymodel.py): its tokenizer is a valid CLIP tokenizer learnt from the world's
+captions, and every stage of the curriculum runs through train.py and pairs.py, ending in a model
+that loads and generates at its own size."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import toymodel
+import toyworld
+from blipdiff import BlipDiffusion, preprocess_subject
+from clip import CLIPTokenizer
+
+
+def world_captions(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    pool = toyworld.identities("train")
+    return [toyworld.caption(pool[rng.integers(len(pool))], c)
+            for c in rng.choice(toyworld.CONTEXTS, n)]
+
+
+def test_learnt_tokenizer_is_clip_format_and_equals_the_reference(tmp_path):
+    from transformers import CLIPTokenizer as Reference
+    captions = world_captions()
+    toymodel.train_clip_tokenizer(captions, str(tmp_path))
+    ours = CLIPTokenizer.from_folder(str(tmp_path))
+    ref = Reference(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    texts = captions[:20] + ["a ball in the snow, a ball in the snow", "A Zebra-striped tuba!", "naïve 123"]
+    for text in texts:
+        assert [ours.bos_id] + ours.encode(text) + [ours.eos_id] == ref(text).input_ids, text
+    # Learnt from the captions: every word of the world is one token (the start of a BPE that still
+    # spells out anything else, byte by byte).
+    for word in list(toyworld.CATEGORIES) + list(toyworld.COLORS) + ["striped", "grass", "snow"]:
+        assert len(ours.encode(word)) == 1, word
+    assert len(ours.encode("zebra")) > 1
+
+
+def test_every_stage_runs_and_the_model_generates(tmp_path):
+    out, installed = tmp_path / "run", tmp_path / "installed"
+    toymodel.main(["--out", str(out), "--install", str(installed), "--data-size", "8", "--steps", "2",
+                   "--batch-size", "4"])
+    for stage in ("vae", "clip", "t2i", "multimodal", "subject"):
+        with open(out / stage / "log.jsonl") as f:
+            assert [json.loads(line)["step"] for line in f] == [2], stage
+    assert len(open(out / "pairs" / "records.jsonl").readlines()) == 8
+    times = json.load(open(out / "times.json"))
+    assert set(times["stages_s"]) == {"data", "pairs", "vae", "clip", "base", "t2i", "multimodal", "subject"}
+
+    # The VAE's scaling factor makes the training pictures' latents unit-variance, as LDM's 0.18215.
+    model = BlipDiffusion.from_pretrained(str(installed))
+    images = [Image.open(out / "data" / "images" / f"{i:06d}.png") for i in range(8)]
+    with torch.no_grad():
+        post = model.vae.encode(preprocess_subject(images, (64, 64), (0.5,) * 3, (0.5,) * 3))
+        z = (post.mean + post.std * torch.randn_like(post.mean)) * model.vae.config.scaling_factor
+    assert 0.6 < float(z.std()) < 1.6 and model.vae.config.scaling_factor != 1.0
+
+    # Installed in the published layout: it loads as a whole and renders a subject at 64 x 64.
+    assert os.path.isfile(installed / "model_index.json")
+    picture = model.generate("in the snow", images[:1], "ball", steps=2, height=64, width=64, progress=False)[0]
+    assert picture.size == (64, 64)
+    # A rerun finds every stage done and redoes nothing.
+    mtime = os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors")
+    toymodel.main(["--out", str(out), "--install", "", "--data-size", "8", "--steps", "2", "--batch-size", "4"])
+    assert os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors") == mtime
+
+
+@pytest.mark.parametrize("stage", ["vae", "clip", "t2i"])
+def test_stage_zero_is_toy_only(tmp_path, stage, capsys):
+    import train
+    assert train.main(["--stage", stage, "--model", "tiny", "--data", "toy", "--out", str(tmp_path)]) == 1
+    assert "only with --model toy" in capsys.readouterr().err
