@@ -15,7 +15,9 @@ too (stage 0):
      subject    stage 2, subject representation learning on those pairs
   (fine-tuning on a held-out subject is measured by `python toyworld.py evaluate`)
 
-    python toymodel.py --out runs/toy           # every stage, then the model is copied to weights/toy
+    python toymodel.py            # every stage into runs/toy (rerun to resume), then weights/toy
+
+Each stage prints the exact command it runs, so any one can be rerun or changed by hand.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from clip import CLIP_PATTERN, CLIPTextConfig, VisionConfig
@@ -32,15 +35,18 @@ from unet import UNetConfig
 from vae import AutoencoderKLConfig
 
 IMAGE_SIZE = 64  # the toy world's pictures (toyworld.WorldConfig.size)
+LATENT_CHANNELS = 8
 WIDTH = 128  # text encoder, image tower and Q-Former width; the subject embeddings are (1, 16, WIDTH)
 
 
 def vae_config():
-    # Three levels: 64 px pictures -> 16 x 16 x 4 latents (SD-1.5: 512 -> 64, four levels). The
-    # scaling factor is measured on the trained encoder (LDM's 1 / std of the latents) and stored.
+    # Three levels: 64 px pictures -> 16 x 16 x 8 latents (SD-1.5: 512 -> 64 x 64 x 4, four levels).
+    # Eight channels, not SD's four: with four, a 16 x 16 grid loses the dots and checks of the
+    # patterns (measured: blurred away after 800 steps), and the patterns are what a subject is.
+    # The scaling factor is measured on the trained encoder (LDM's 1 / std of the latents) and stored.
     return AutoencoderKLConfig(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                                up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
-                               sample_size=IMAGE_SIZE, scaling_factor=1.0)
+                               latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE, scaling_factor=1.0)
 
 
 def text_config(vocab_size):
@@ -63,10 +69,13 @@ def blip2_config(vocab_size, vision=None):
 
 
 def unet_config():
-    # Cross-attention at every level (16, 8, 4): the subject's colour and pattern must reach the
-    # finest level through the text states, there being no other way in.
-    return UNetConfig(sample_size=IMAGE_SIZE // 4, block_out_channels=(32, 64, 64), layers_per_block=1,
-                      down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+    # Attention (self and cross, where the text and the subject come in) at 8 x 8 and 4 x 4 only:
+    # at 16 x 16 it cost 60% of a training step on a CPU (measured: 1.77 s -> 0.74 s a step of 32
+    # on one core without it), and the ResBlocks there render what the coarser levels decided.
+    return UNetConfig(sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                      block_out_channels=(32, 64, 64), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                       attention_head_dim=4, cross_attention_dim=WIDTH, norm_num_groups=8)
 
 
@@ -129,36 +138,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def curriculum(out, data_size, override=()):
-    """The commands that train the toy model from nothing, as (name, the output that marks it done,
-    argv). Hyper-parameters are the toy's (stage 0 as train.py's defaults); each stage has its own
-    --out, so its log and checkpoints are its own and an interrupted stage resumes. `override`:
-    train.py flags appended to every stage (a smoke test's --steps 2)."""
+    """The commands that train the toy model from nothing -> phases, run in order; a phase is lanes
+    that run side by side (independent stages, one process per core: small models use one core
+    better than two), a lane is steps run in turn, a step (name, its output that marks it done,
+    argv; None = gather the base folder). Hyper-parameters are the toy's (stage 0 as train.py's
+    defaults); each stage has its own --out, so its log and checkpoints are its own and an
+    interrupted stage resumes. `override`: train.py flags for every stage (a smoke test's --steps 2)."""
     d = lambda *p: os.path.join(out, *p)
-    stage = lambda name, *rest: ["train.py", "--stage", name, "--out", d(name), "--log-every", "50", *rest, *override]
+    stage = lambda name, *rest, to=None: ["train.py", "--stage", name, "--out", to or d(name), "--log-every", "50",
+                                          *rest, *override]
+    records = d("data", "records.jsonl")
     return [
-        ("data", d("data", "records.jsonl"),
-         ["toyworld.py", "data", "--n", str(data_size), "--out", d("data")]),
-        ("pairs", None,  # pairs.py resumes by itself: items already written are not redone
-         ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
-          "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2", "--workers", str(os.cpu_count() or 1)]),
-        ("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", d("data", "records.jsonl"))),
-        ("clip", d("clip", "text_encoder"), stage("clip", "--model", "toy", "--data", d("data", "records.jsonl"))),
-        ("base", d("base", "tokenizer"), None),  # vae/, text_encoder/, tokenizer/ gathered for the UNet
-        ("t2i", d("t2i", "unet"),
-         stage("t2i", "--model", "toy", "--data", d("data", "records.jsonl"), "--sd", d("base"))),
-        ("multimodal", d("multimodal", "qformer"),
-         stage("multimodal", "--model", "toy", "--data", d("data", "records.jsonl"), "--clip-vision",
-               d("clip", "vision_model"), "--bert", d("clip", "bert_tokenizer"), "--steps", "600",
-               "--batch-size", "64", "--lr", "1e-3", "--warmup", "50", "--weight-decay", "0.05")),
-        ("subject", d("subject", "model_index.json"),
-         stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
-               "--steps", "2000", "--batch-size", "32", "--lr", "5e-4", "--caption-drop", "0.05")),
+        [[("data", records, ["toyworld.py", "data", "--n", str(data_size), "--out", d("data")])]],
+        [[("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", records, "--lr", "2e-3", "--steps", "1200"))],
+         [("clip", d("clip", "text_encoder"), stage("clip", "--model", "toy", "--data", records)),
+          ("multimodal", d("multimodal", "qformer"),
+           stage("multimodal", "--model", "toy", "--data", records, "--clip-vision", d("clip", "vision_model"),
+                 "--bert", d("clip", "bert_tokenizer"), "--steps", "600", "--batch-size", "64", "--lr", "1e-3",
+                 "--warmup", "50", "--weight-decay", "0.05"))]],
+        # The base folder is the toy's Stable Diffusion: stage 0's VAE, text encoder and tokenizer,
+        # joined by the UNet that --stage t2i trains into it.
+        [[("base", d("base", "tokenizer"), None),
+          ("t2i", d("base", "unet"), stage("t2i", "--model", "toy", "--data", records, "--sd", d("base"), to=d("base")))],
+         [("pairs", None,  # pairs.py resumes by itself: items already written are not redone
+           ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
+            "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2"])]],
+        [[("subject", d("subject", "model_index.json"),
+           stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
+                 "--steps", "2000", "--batch-size", "32", "--lr", "3e-4", "--warmup", "50", "--caption-drop", "0.05"))]],
     ]
 
 
 def gather_base(out):
-    """The toy's 'Stable Diffusion' folder: stage 0's VAE, text encoder and tokenizer (the UNet joins
-    it after --stage t2i), in the diffusers layout train.py --sd reads."""
     from checkpoint import write_folder_atomically
 
     def write(tmp):
@@ -167,6 +178,38 @@ def gather_base(out):
             shutil.copytree(os.path.join(out, "clip", part), os.path.join(tmp, part))
 
     write_folder_atomically(os.path.join(out, "base"), write, merge=True)
+
+
+def run_lane(lane, out, threads, times):
+    """The steps of one lane in turn; the first failure ends the lane and is returned."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    for name, done, command in lane:
+        if done and os.path.exists(done):
+            print(f"[{name}] done already ({done})", flush=True)
+            continue
+        t0 = time.time()
+        if command is None:
+            gather_base(out)
+        else:
+            print(f"[{name}] python {' '.join(command)}", flush=True)
+            if subprocess.run([sys.executable, *command], cwd=HERE, env=env).returncode:
+                return name
+        times[name] = round(time.time() - t0, 1)
+    return None
+
+
+def install(model, folder):
+    """The trained model's published-layout parts (not its checkpoints, samples or log) into `folder`;
+    other files there (the oracle) stay."""
+    from checkpoint import write_folder_atomically
+    keep = [n for n in os.listdir(model) if n not in ("checkpoints", "samples", "log.jsonl") and not n.startswith(".")]
+
+    def write(tmp):
+        for n in keep:
+            (shutil.copytree if os.path.isdir(os.path.join(model, n)) else shutil.copyfile)(
+                os.path.join(model, n), os.path.join(tmp, n))
+
+    write_folder_atomically(folder, write, merge=True)
 
 
 def main(argv=None):
@@ -180,33 +223,28 @@ def main(argv=None):
     args = p.parse_args(argv)
     override = (["--steps", str(args.steps)] if args.steps else []) + (
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])
-    from checkpoint import write_folder_atomically
+    cores = os.cpu_count() or 1
     times, start = {}, time.time()
-    for name, done, command in curriculum(args.out, args.data_size, override):
-        if done and os.path.exists(done):
-            print(f"[{name}] done already ({done})")
-            continue
-        t0 = time.time()
-        if name == "base":
-            gather_base(args.out)
-        else:
-            print(f"[{name}] python {' '.join(command)}", flush=True)
-            if subprocess.run([sys.executable, *command], cwd=HERE).returncode:
-                sys.exit(f"error: the {name} stage failed (its message is above); fix it and rerun to resume")
-        times[name] = round(time.time() - t0, 1)
-        if name == "t2i":  # the base model is complete: the UNet joins the folder stage 2 starts from
-            write_folder_atomically(os.path.join(args.out, "base"),
-                                    lambda tmp: shutil.copytree(os.path.join(args.out, "t2i", "unet"),
-                                                                os.path.join(tmp, "unet")), merge=True)
+    for phase in curriculum(args.out, args.data_size, override):
+        threads = max(1, cores // len(phase))
+        failed = [None] * len(phase)
+
+        def lane_job(i):
+            failed[i] = run_lane(phase[i], args.out, threads, times)
+
+        workers = [threading.Thread(target=lane_job, args=(i,)) for i in range(len(phase))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if any(failed):
+            sys.exit(f"error: the {', '.join(f for f in failed if f)} stage failed (its message is above); "
+                     f"fix it and rerun to resume")
     total = round(time.time() - start, 1)
     with open(os.path.join(args.out, "times.json"), "w") as f:
-        json.dump({"stages_s": times, "total_s": total}, f, indent=1)
+        json.dump({"stages_s": times, "total_s": total, "cores": cores}, f, indent=1)
     if args.install:
-        model = os.path.join(args.out, "subject")
-        keep = [n for n in os.listdir(model) if n not in ("checkpoints", "samples", "log.jsonl") and not n.startswith(".")]
-        write_folder_atomically(args.install, lambda tmp: [
-            (shutil.copytree if os.path.isdir(os.path.join(model, n)) else shutil.copyfile)(
-                os.path.join(model, n), os.path.join(tmp, n)) for n in keep], merge=True)
+        install(os.path.join(args.out, "subject"), args.install)
     print(f"trained the toy model in {total / 60:.1f} min (per stage: {args.out}/times.json); "
           + (f"installed in {args.install} (python sample.py uses it by default)" if args.install
              else f"the model is in {args.out}/subject"))

@@ -562,6 +562,24 @@ def write_data(args):
           f"(records.jsonl for train.py, pairs.jsonl for pairs.py)")
 
 
+# The README's subjects: held-out identities (never in training), one of a kind each.
+EXAMPLES = {"red-dotted-ball": (Identity("ball", "red", "dots", "purple"), "on the beach"),
+            "blue-checked-box": (Identity("box", "blue", "checks", "orange"), "on a wooden table"),
+            "yellow-striped-star": (Identity("star", "yellow", "stripes", "red"), "at night"),
+            "pink-dotted-star": (Identity("star", "pink", "dots", "green"), "on the grass")}
+
+
+def write_examples(args):
+    """examples/NAME.png: each of EXAMPLES drawn once, seeded by its position."""
+    os.makedirs(args.out, exist_ok=True)
+    for k, (name, (identity, context)) in enumerate(EXAMPLES.items()):
+        if identity not in identities("heldout"):
+            raise ValueError(f"{name} is not a held-out identity")
+        image = render(identity, context, np.random.default_rng(k), WorldConfig.size).image
+        write_atomically(os.path.join(args.out, f"{name}.png"), lambda tmp: image.save(tmp, format="PNG"))
+    print(f"wrote {len(EXAMPLES)} held-out subjects to {args.out}/ ({', '.join(EXAMPLES)})")
+
+
 def show(args):
     """A contact sheet: one row per context; with --masks, each picture followed by its true mask
     and a degraded confidence map."""
@@ -745,6 +763,8 @@ def main():
     p.add_argument("--n", type=int, default=20000, help="pictures of training identities")
     p.add_argument("--backgrounds", type=int, default=400, help="subject-free pictures, the contexts in turn")
     p.add_argument("--seed", type=int, default=0, help="fixes every picture")
+    p = sub.add_parser("examples", help="write the README's held-out subject pictures")
+    p.add_argument("--out", default="examples", help="folder to write them in")
     p = sub.add_parser("train-oracle", help="train the attribute oracle on fresh train-split pictures",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="weights/toy/oracle.safetensors", help="safetensors file to write")
@@ -781,7 +801,7 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     args = parser.parse_args()
     try:
-        commands = {"show": show, "data": write_data, "train-oracle": train_oracle, "eval-oracle": eval_oracle,
+        commands = {"show": show, "data": write_data, "examples": write_examples, "train-oracle": train_oracle, "eval-oracle": eval_oracle,
                     "evaluate": evaluate}
         commands[args.command](args)
     except (CheckpointError, ValueError) as e:

@@ -238,8 +238,10 @@ def read_manifest(path, keys):
 
 
 def subject_folder(folder):
+    if os.path.isfile(folder) and folder.lower().endswith(IMAGE_EXTENSIONS):
+        return [folder]  # one picture of the subject
     if not os.path.isdir(folder):
-        raise TrainError(f"--subject {folder}: no such folder of subject images")
+        raise TrainError(f"--subject {folder}: no such image or folder of subject images")
     files = image_files(folder)
     if not files:
         raise TrainError(f"--subject {folder}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -310,9 +312,9 @@ class SubjectStage(nn.Module):
     def forward(self, image_embeds, qf_ids, qf_mask, ids_ctx, ids_plain, drop, noisy, t, noise):
         hidden = self.qformer.encode(image_embeds, qf_ids, qf_mask)
         ctx = self.qformer.proj_layer(hidden[:, :self.qformer.config.num_query_tokens])
-        with_subject = self.text_encoder(ids_ctx, ctx_embeddings=ctx)
-        text_only = self.text_encoder(ids_plain)
-        text = torch.where(drop[:, None, None], text_only, with_subject)
+        text = self.text_encoder(ids_ctx, ctx_embeddings=ctx)
+        if drop.any():  # the dropped rows alone are encoded again, without the subject
+            text = text.index_put((drop,), self.text_encoder(ids_plain[drop]))
         return F.mse_loss(self.unet(noisy, t, text).float(), noise.float())
 
 
@@ -489,7 +491,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="subject: SD v1.5's CLIP tokenizer folder (vocab.json, merges.txt)")
     p.add_argument("--bert", default=None, help="multimodal: a bert-base-uncased folder (config, weights, vocab.txt)")
     p.add_argument("--clip-vision", default=None, help="multimodal: an openai/clip-vit-large-patch14 folder")
-    p.add_argument("--subject", default=None, help="finetune: a folder of images of the subject")
+    p.add_argument("--subject", default=None, help="finetune: an image, or a folder of images, of the subject")
     p.add_argument("--subject-text", default=None, help="finetune: the subject's category word")
     p.add_argument("--out", required=True, help="output folder: the model in the published layout, checkpoints/, log.jsonl")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 250000 / 500000 / 40)")

@@ -43,9 +43,9 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
     out, installed = tmp_path / "run", tmp_path / "installed"
     toymodel.main(["--out", str(out), "--install", str(installed), "--data-size", "8", "--steps", "2",
                    "--batch-size", "4"])
-    for stage in ("vae", "clip", "t2i", "multimodal", "subject"):
-        with open(out / stage / "log.jsonl") as f:
-            assert [json.loads(line)["step"] for line in f] == [2], stage
+    for folder in ("vae", "clip", "base", "multimodal", "subject"):  # base: the t2i stage's
+        with open(out / folder / "log.jsonl") as f:
+            assert [json.loads(line)["step"] for line in f] == [2], folder
     assert len(open(out / "pairs" / "records.jsonl").readlines()) == 8
     times = json.load(open(out / "times.json"))
     assert set(times["stages_s"]) == {"data", "pairs", "vae", "clip", "base", "t2i", "multimodal", "subject"}
