@@ -150,7 +150,7 @@ def curriculum(out, data_size, override=()):
     records = d("data", "records.jsonl")
     return [
         [[("data", records, ["toyworld.py", "data", "--n", str(data_size), "--out", d("data")])]],
-        [[("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", records, "--lr", "2e-3", "--steps", "1200"))],
+        [[("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", records))],
          [("clip", d("clip", "text_encoder"), stage("clip", "--model", "toy", "--data", records)),
           ("multimodal", d("multimodal", "qformer"),
            stage("multimodal", "--model", "toy", "--data", records, "--clip-vision", d("clip", "vision_model"),
@@ -159,13 +159,15 @@ def curriculum(out, data_size, override=()):
         # The base folder is the toy's Stable Diffusion: stage 0's VAE, text encoder and tokenizer,
         # joined by the UNet that --stage t2i trains into it.
         [[("base", d("base", "tokenizer"), None),
-          ("t2i", d("base", "unet"), stage("t2i", "--model", "toy", "--data", records, "--sd", d("base"), to=d("base")))],
+          ("t2i", d("base", "unet"), stage("t2i", "--model", "toy", "--data", records, "--sd", d("base"), "--ema", "0.995",
+                                             to=d("base")))],
          [("pairs", None,  # pairs.py resumes by itself: items already written are not redone
            ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
             "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2"])]],
         [[("subject", d("subject", "model_index.json"),
            stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
-                 "--steps", "2000", "--batch-size", "32", "--lr", "3e-4", "--warmup", "50", "--caption-drop", "0.05"))]],
+                 "--steps", "2500", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
+                 "--ema", "0.995"))]],
     ]
 
 

@@ -528,8 +528,8 @@ def main(argv=None):
 # paper (constant lr 2e-6, batch 16; 500k steps is our reading, unverified); fine-tuning as LAVIS.
 # The toy's stage 0 as toymodel.py runs it.
 STAGE_DEFAULTS = {"multimodal": (250_000, 2320, 1e-4, 0.05, 5000), "subject": (500_000, 16, 2e-6, 0.0, 0),
-                  "finetune": (40, 3, 5e-6, 0.01, 0), "vae": (1000, 32, 1e-3, 0.0, 50),
-                  "clip": (500, 64, 1e-3, 0.1, 50), "t2i": (1500, 32, 1e-3, 0.0, 50)}
+                  "finetune": (40, 3, 5e-6, 0.01, 0), "vae": (2500, 32, 2e-3, 0.0, 50),
+                  "clip": (500, 64, 1e-3, 0.1, 50), "t2i": (2500, 32, 1e-3, 0.0, 50)}
 
 
 def setup_distributed():
