@@ -25,22 +25,20 @@ visible on a background of its own colour (a green ball on grass, a white one in
     python toyworld.py show --out sheet.png
     python toyworld.py train-oracle --out weights/toy/oracle.safetensors
     python toyworld.py eval-oracle --weights weights/toy/oracle.safetensors
-    python toyworld.py evaluate --weights weights/toy   # the toy Table 1, read by the oracle
+    python toyworld.py data --out runs/toy/data          # a training set on disk (toymodel.py runs it)
+    python toyworld.py examples                          # examples/: the README's held-out subjects
+    python toyworld.py evaluate --weights weights/toy   # the toy Table 1, read by the oracle (toyeval.py)
 """
 
 import argparse
-import contextlib
 import functools
-import io
 import itertools
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -605,146 +603,6 @@ def show(args):
     print(f"wrote a contact sheet of {len(CONTEXTS) * per} pictures ({size} px, one row per context) to {args.out}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: the toy Table 1
-# ---------------------------------------------------------------------------------------------
-
-METHODS = ("text-only", "zero-shot", "fine-tuned")  # the rows: no subject, reference images, fine-tuned
-
-
-def eval_subjects(n, seed):
-    """The first n of a seeded permutation of the held-out identities: subjects no stage trained on."""
-    pool = identities("heldout")
-    if not 1 <= n <= len(pool):
-        raise ValueError(f"--subjects must be 1 to {len(pool)} (the held-out identities), got {n}")
-    return [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:n]]
-
-
-def reference_images(identity, n, rng):
-    """n pictures of the subject, each in another context: the few photos a user has of it."""
-    if not 1 <= n <= len(CONTEXTS):
-        raise ValueError(f"--refs must be 1 to {len(CONTEXTS)} (one context each), got {n}")
-    return [render(identity, CONTEXTS[i], rng, WorldConfig.size).image
-            for i in rng.choice(len(CONTEXTS), n, replace=False)]
-
-
-def finetune(refs, category, args, tmp):
-    """Subject fine-tuning (paper sec. 3.2) run as a user runs it: the references written to a folder,
-    then train.py --stage finetune. -> the output folder, a model that carries its subject."""
-    import train  # here, not at the top: train.py imports this file
-    subject, out = os.path.join(tmp, "subject"), os.path.join(tmp, "finetuned")
-    os.makedirs(subject)
-    for i, image in enumerate(refs):
-        image.save(os.path.join(subject, f"{i}.png"))
-    argv = ["--stage", "finetune", "--weights", args.weights, "--subject", subject, "--subject-text", category,
-            "--out", out, "--steps", str(args.finetune_steps), "--lr", str(args.finetune_lr), "--batch-size", "3",
-            "--save-every", "1000000", "--log-every", "1000000", "--keep", "1"]
-    with contextlib.redirect_stdout(io.StringIO()):  # its report, once per subject, would break the progress bar
-        if train.main(argv) != 0:
-            raise ValueError(f"fine-tuning on a {category} failed (train.py's error is above)")
-    return out
-
-
-def score(oracle, images, identity, contexts, reference_features):
-    """The oracle's reading of one subject's generations -> per generation: whether it read back the
-    subject's category, colour and pattern and the prompted context, and the cosine between its
-    features and the references' mean (DINO's stand-in)."""
-    pred, heads = oracle.predict(images), oracle.config.heads
-    cosine = F.cosine_similarity(oracle.features(images), reference_features[None], dim=-1)
-    truth = {"category": identity.category, "color": identity.color, "pattern": identity.pattern}
-    return [{**{a: heads[a][int(pred[a][k])] == v for a, v in truth.items()},
-             "context": heads["context"][int(pred["context"][k])] == context, "cosine": float(cosine[k])}
-            for k, context in enumerate(contexts)]
-
-
-def summarize(records):
-    """One method's per-generation records -> its numbers. Subject fidelity needs all three
-    attributes right: the category alone is in the prompt, so text-only gets it for free."""
-    column = {key: np.array([r[key] for r in records], np.float64) for key in records[0]}
-    subject = column["category"] * column["color"] * column["pattern"]
-    return {"subject_fidelity": float(subject.mean()), "prompt_fidelity": float(column["context"].mean()),
-            "feature_cosine": float(column["cosine"].mean()),
-            **{a: float(column[a].mean()) for a in ("category", "color", "pattern")}, "generations": len(records)}
-
-
-def targets(rows):
-    """The issue's targets for the toy model -> {target: met?}."""
-    text, zero, tuned = (rows[m]["subject_fidelity"] for m in METHODS)
-    return {"zero-shot subject fidelity >= 0.5": zero >= 0.5,
-            "zero-shot subject fidelity >= 5x text-only": zero > 0 and zero >= 5 * text,
-            "zero-shot prompt fidelity >= 0.85": rows["zero-shot"]["prompt_fidelity"] >= 0.85,
-            "fine-tuned subject fidelity > zero-shot": tuned > zero}
-
-
-def evaluate(args):
-    """The toy Table 1 (the paper's DreamBench comparison, DreamBooth's protocol): held-out subjects rendered in each
-    context by text only, zero-shot from their reference pictures, and after fine-tuning on them;
-    every generation read back by the oracle. The seed of a generation depends on (subject, context)
-    only, so the three rows differ by method alone."""
-    from blipdiff import BlipDiffusion  # here: the world and its oracle need no diffusion model
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not os.path.isfile(os.path.join(args.weights, "model_index.json")):
-        raise ValueError(f"{args.weights}: no BLIP-Diffusion model there; train the toy one with: "
-                         f"python toymodel.py --out runs/toy (it ends in weights/toy)")
-    if not 1 <= args.contexts <= len(CONTEXTS):
-        raise ValueError(f"--contexts must be 1 to {len(CONTEXTS)}, got {args.contexts}")
-    for path in filter(None, (args.sheet, args.json)):  # before the long run, not after it
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{path}: its folder does not exist; create it first")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # train.py's fine-tuning picks the same
-    oracle = load_oracle(args.oracle, device)
-    model = BlipDiffusion.from_pretrained(args.weights).to(device)
-    side = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)  # its own size
-    contexts, subjects = CONTEXTS[:args.contexts], eval_subjects(args.subjects, args.seed)
-    kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=side, width=side,
-              progress=False)
-    records = {m: [] for m in METHODS}
-    sheet = np.zeros((len(subjects) * len(METHODS) * side, (1 + len(contexts)) * side, 3), np.uint8)
-    for s, identity in enumerate(tqdm(subjects, desc="subjects")):
-        refs = reference_images(identity, args.refs, np.random.default_rng([args.seed, s]))
-        reference_features = oracle.features(refs).mean(0)
-        with tempfile.TemporaryDirectory() as tmp:
-            tuned = BlipDiffusion.from_pretrained(finetune(refs, identity.category, args, tmp)).to(device)
-        models = {"text-only": model, "zero-shot": model, "fine-tuned": tuned}
-        subject = {"text-only": dict(subject_text=identity.category),
-                   "zero-shot": dict(subject_images=refs, subject_text=identity.category), "fine-tuned": {}}
-        for m, method in enumerate(METHODS):
-            images = [models[method].generate(c, seed=args.seed + len(CONTEXTS) * s + k, **subject[method], **kw)[0]
-                      for k, c in enumerate(contexts)]
-            records[method] += score(oracle, images, identity, contexts, reference_features)
-            y = (s * len(METHODS) + m) * side  # (subject, method) -> one row: first reference, then each context
-            for col, image in enumerate([refs[0].resize((side, side), Image.BICUBIC)] + images):
-                sheet[y:y + side, col * side:(col + 1) * side] = np.asarray(image.convert("RGB"))
-    rows = {m: summarize(records[m]) for m in METHODS}
-    met = targets(rows)
-    n = len(subjects) * len(contexts)
-    print(f"{args.weights}: {len(subjects)} held-out subjects x {len(contexts)} contexts = {n} generations per "
-          f"method ({args.steps} {args.scheduler} steps, guidance {args.guidance}, {side} px)")
-    print("| method | subject fidelity | prompt fidelity | oracle-feature cosine |\n|---|---|---|---|")
-    for m in METHODS:
-        print(f"| {m} | {rows[m]['subject_fidelity']:.3f} | {rows[m]['prompt_fidelity']:.3f} | "
-              f"{rows[m]['feature_cosine']:.3f} |")
-    print("\n| method | category | colour | pattern |\n|---|---|---|---|")
-    for m in METHODS:
-        print(f"| {m} | {rows[m]['category']:.3f} | {rows[m]['color']:.3f} | {rows[m]['pattern']:.3f} |")
-    print("\ntargets (the issue's, for weights/toy; a miss is reported, not an error):")
-    for target, ok in met.items():
-        print(f"  {'PASS' if ok else 'FAIL'} {target}")
-    if args.json:
-        result = {"weights": args.weights, "subjects": len(subjects), "contexts": len(contexts), "rows": rows,
-                  "targets": met, "settings": {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "refs",
-                                                                             "finetune_steps", "finetune_lr", "seed")}}
-        write_atomically(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
-    image = Image.fromarray(sheet)
-    if args.zoom > 1:
-        image = image.resize((image.width * args.zoom, image.height * args.zoom), Image.NEAREST)
-    write_atomically(args.sheet, lambda tmp: image.save(tmp, format="PNG"))
-    print(f"evaluated {len(subjects)} subjects x {len(contexts)} contexts x {len(METHODS)} methods: sheet "
-          f"(per subject: {', '.join(METHODS)}; first reference, then each context) in {args.sheet}"
-          + (f", numbers in {args.json}" if args.json else ""))
-
-
 def main():
     parser = argparse.ArgumentParser(description="The toy world: pictures of known subjects, and their attribute oracle.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -801,9 +659,13 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     args = parser.parse_args()
     try:
-        commands = {"show": show, "data": write_data, "examples": write_examples, "train-oracle": train_oracle, "eval-oracle": eval_oracle,
-                    "evaluate": evaluate}
-        commands[args.command](args)
+        if args.command == "evaluate":
+            import toyeval  # here: the world and its oracle need no diffusion model
+            toyeval.evaluate(args)
+        else:
+            commands = {"show": show, "data": write_data, "examples": write_examples, "train-oracle": train_oracle,
+                        "eval-oracle": eval_oracle}
+            commands[args.command](args)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
