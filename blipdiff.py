@@ -349,6 +349,12 @@ class BlipDiffusion(nn.Module):
     def dtype(self):
         return self.unet.conv_in.weight.dtype
 
+    @property
+    def resolution(self):
+        """The side the model was trained at: the UNet's latent side x the VAE's downsampling
+        (SD-1.5: 64 x 8 = 512; the toy: 16 x 4 = 64)."""
+        return self.unet.config.sample_size * self.vae.downsampling
+
     @torch.no_grad()
     def subject_embeddings(self, images, subject_text, center_crop=False):
         """Several pictures of one subject -> their mean subject embedding, (1, 16, 768)."""
@@ -429,7 +435,7 @@ class BlipDiffusion(nn.Module):
             self.warn_if_truncated(negative_prompt, MAX_LENGTH, "negative prompt")
             text = torch.cat([self.encode_text([negative_prompt] * num_images), text])  # [uncond, cond]
 
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae.downsampling
         shape = (self.unet.config.in_channels, height // factor, width // factor)
         latents = initial_latents(num_images, shape, seed).to(self.device, self.dtype)
         if (controlnet is None) != (control_image is None):

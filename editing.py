@@ -280,7 +280,7 @@ def subject_of(model, subject_images, subject_text, ctx_embeddings):
 def latent_shape(model, height, width):
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    factor = model.vae.downsampling
     return model.unet.config.in_channels, height // factor, width // factor
 
 

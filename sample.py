@@ -6,7 +6,8 @@
 
 Without --weights the shipped toy model (weights/toy, trained by toymodel.py) is used. Defaults
 reproduce diffusers' BlipDiffusionPipeline: 50 PNDM steps, guidance 7.5, the model's own resolution
-(512x512 for the published model, 64x64 for the toy), an empty negative prompt, the prompt repeated 20 times. Everything is checked before the weights are
+(512x512 for the published model, 64x64 for the toy), an empty negative prompt, the prompt repeated
+20 times. Everything is checked before the weights are
 read, so bad input costs a second, prints one line and writes nothing.
 """
 
@@ -218,9 +219,7 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # The resolution the model was trained at: latent side x the VAE's downsampling (SD-1.5: 64 x 8).
-    side = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    args.height, args.width = args.height or side, args.width or side
+    args.height, args.width = args.height or model.resolution, args.width or model.resolution
     if args.edit_word:
         import editing
         common = dict(subject_images=subjects[0] if subjects else None, subject_text=args.subject_text[0] if subjects else None,

@@ -113,7 +113,7 @@ def evaluate(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # train.py's fine-tuning picks the same
     oracle = load_oracle(args.oracle, device)
     model = BlipDiffusion.from_pretrained(args.weights).to(device)
-    side = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)  # its own size
+    side = model.resolution
     contexts, subjects = CONTEXTS[:args.contexts], eval_subjects(args.subjects, args.seed)
     kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=side, width=side,
               progress=False)

@@ -55,7 +55,7 @@ import toymodel
 import toyworld
 from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, build_prompt,
                       image_files, preprocess_subject, q_sample)
-from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_json, write_part
+from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_part
 from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
 from unet import UNet, UNetConfig
@@ -394,7 +394,7 @@ def base_stage(args, records, extra):
     extra["size"] = args.image_size or toymodel.IMAGE_SIZE
     if args.stage == "vae":
         vae = AutoencoderKL(toymodel.vae_config())
-        extra["latent_shape"] = (vae.config.latent_channels,) + (extra["size"] // 8,) * 2  # of a half-side crop
+        extra["latent_shape"] = (vae.config.latent_channels,) + (extra["size"] // 2 // vae.downsampling,) * 2  # a half-side crop
         scale_set = [im for im in (load_image(rec["image"]) for rec in records[:256]) if im is not None]
         extra["scale_images"] = torch.stack([to_target(im, extra["size"]) for im in scale_set])
         return VAEStage(vae), [], {"vae": asdict(vae.config)}
@@ -620,8 +620,7 @@ def train(args):
         else:
             trainable = SubjectStage(model)
         model.unet.gradient_checkpointing = args.grad_checkpoint
-        # The resolution the model was trained at: UNet latent size x VAE downsampling (SD-1.5: 512).
-        extra["size"] = args.image_size or model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+        extra["size"] = args.image_size or model.resolution  # the size it was trained at (SD-1.5: 512)
         configs = {name: asdict(getattr(model, name).config) for name in ("qformer", "text_encoder", "unet", "vae")}
     trainable.train()
     for m in frozen:

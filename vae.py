@@ -221,6 +221,11 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
+    @property
+    def downsampling(self):
+        """Pixels per latent pixel: every level but the last halves the side (SD-1.5: 8)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
     def encode(self, x):
         """Image in [-1, 1], (B, 3, H, W) -> posterior over unscaled latents (B, 4, H/8, W/8)."""
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
