@@ -26,8 +26,8 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from clip import CLIP_PATTERN, CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
@@ -229,16 +229,8 @@ def main(argv=None):
     times, start = {}, time.time()
     for phase in curriculum(args.out, args.data_size, override):
         threads = max(1, cores // len(phase))
-        failed = [None] * len(phase)
-
-        def lane_job(i):
-            failed[i] = run_lane(phase[i], args.out, threads, times)
-
-        workers = [threading.Thread(target=lane_job, args=(i,)) for i in range(len(phase))]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        with ThreadPoolExecutor(len(phase)) as pool:  # the lanes side by side, each its own processes
+            failed = list(pool.map(lambda lane: run_lane(lane, args.out, threads, times), phase))
         if any(failed):
             sys.exit(f"error: the {', '.join(f for f in failed if f)} stage failed (its message is above); "
                      f"fix it and rerun to resume")
