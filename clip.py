@@ -16,6 +16,7 @@ Letters in shape comments: B batch, L text positions, N image patches, D width, 
 width (reduce_dim), G patch-grid side.
 """
 
+import functools
 import json
 import math
 import os
@@ -115,6 +116,9 @@ class CLIPTokenizer:
         # the pad token: with pad "!" (SD-2's tokenizer) every "!" in a prompt is the single id of "!".
         self.tokenizer.add_special_tokens([bos_token, eos_token, pad_token, unk_token])
         self.bos_id, self.eos_id, self.pad_id = vocab[bos_token], vocab[eos_token], vocab[pad_token]
+        # Training sees the same few prompts again and again, and clean_text is slow Python: remembered.
+        self._ids = functools.lru_cache(maxsize=1 << 16)(
+            lambda text: tuple(self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids))
 
     @classmethod
     def from_folder(cls, folder):
@@ -136,7 +140,7 @@ class CLIPTokenizer:
 
     def encode(self, text):
         """The BPE ids of `text`, without <|startoftext|> / <|endoftext|>."""
-        return self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids
+        return list(self._ids(text))
 
     def count(self, text):
         """How many ids `text` needs, with <|startoftext|> and <|endoftext|>, before any truncation."""

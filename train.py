@@ -420,11 +420,10 @@ def base_stage(args, records, extra):
     return T2IStage(unet, text), [vae, text], {"unet": asdict(unet.config), "vae": asdict(vae.config)}
 
 
-def encode_latents(vae, images, gens):
-    """Frozen VAE: z = (mean + std·n) · scaling_factor, n drawn per sample from its generator."""
-    post = vae.encode(images)
-    n = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in gens]).to(post.mean)
-    return (post.mean + post.std * n) * vae.config.scaling_factor
+def sample_latents(vae, mean, std, gens):
+    """The frozen VAE's posterior -> z = (mean + std·n) · scaling_factor, n drawn per sample from its generator."""
+    n = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean)
+    return (mean + std * n) * vae.config.scaling_factor
 
 
 def noise_and_timesteps(latents, gens):
@@ -508,6 +507,9 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trainable module")
+    p.add_argument("--cache", action="store_true",
+                   help="t2i, subject, finetune: keep each picture's frozen-encoder outputs (VAE posterior, image "
+                        "tower) in memory, so later epochs skip those encoders (small datasets: the toy's)")
     p.add_argument("--image-size", type=int, default=None, help="diffusion target size (default: the model's, 512 for SD-1.5)")
     p.add_argument("--seed", type=int, default=42, help="LAVIS' seed")
     p.add_argument("--log-every", type=int, default=1)
@@ -657,7 +659,7 @@ def train(args):
     net = torch.compile(net) if args.compile else net
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    data = Batches(stage, records, model, trainable, extra, args.seed, device, autocast)
+    data = Batches(stage, records, model, trainable, extra, args.seed, device, autocast, args.cache)
 
     for step in range(start, steps):
         t0 = time.time()
@@ -720,11 +722,12 @@ class Batches:
     """Turns the indices of this rank's share of a step into the tensors its stage's forward takes.
     An unreadable image is replaced by the next readable record and counted, never a crash."""
 
-    def __init__(self, stage, records, model, trainable, extra, seed, device, autocast):
+    def __init__(self, stage, records, model, trainable, extra, seed, device, autocast, cache=False):
         self.stage, self.records, self.model, self.trainable, self.extra = stage, records, model, trainable, extra
         self.seed, self.device, self.autocast = seed, device, autocast
         self.alphas = alphas_cumprod().to(device)
         self.skipped = 0
+        self.cache = {} if cache else None
 
     def readable(self, index):
         keys = ("input", "target") if self.stage == "subject" else ("image",)
@@ -732,14 +735,36 @@ class Batches:
             rec = self.records[(index + j) % len(self.records)]
             pics = [load_image(rec[k]) for k in keys]
             if all(pic is not None for pic in pics):
-                return rec, pics
+                return (index + j) % len(self.records), rec, pics
             self.skipped += 1
         raise TrainError("no readable image in the data")
 
+    def frozen(self, name, keys, encode):
+        """encode(rows) -> a tuple of tensors for those rows of the batch, by a frozen encoder. With
+        --cache each record's result is kept, so a record is encoded once in the whole run (the same
+        numbers: a frozen encoder gives the same output every epoch; only the noise is drawn anew)."""
+        if self.cache is None:
+            return encode(list(range(len(keys))))
+        new = [i for i, k in enumerate(keys) if (name, k) not in self.cache]
+        if new:
+            for i, *parts in zip(new, *encode(new)):
+                self.cache[name, keys[i]] = parts
+        return tuple(torch.stack(p) for p in zip(*(self.cache[name, k] for k in keys)))
+
+    def latents(self, vae, keys, pictures, gens):
+        """The frozen VAE's noisy latents of the diffusion targets (the posterior cached with --cache)."""
+        def encode(rows):
+            post = vae.encode(torch.stack([to_target(pictures[i], self.extra["size"]) for i in rows]).to(self.device))
+            return post.mean, post.std
+        with torch.no_grad(), self.autocast:
+            mean, std = self.frozen("vae", keys, encode)
+        return sample_latents(vae, mean, std, gens)
+
     def __call__(self, step, indices, rank):
-        items = [self.readable(i) for i in indices]
+        resolved = [self.readable(i) for i in indices]
+        keys, items = [k for k, _, _ in resolved], [(rec, pics) for _, rec, pics in resolved]
         if self.stage in BASE_STAGES:
-            return self.base(step, indices, items)
+            return self.base(step, indices, keys, items)
         if self.stage == "multimodal":
             pre = self.trainable.pretraining
             pixels = preprocess_subject([pics[0] for _, pics in items], (pre.qformer.config.vision_config.image_size,) * 2)
@@ -750,16 +775,16 @@ class Batches:
                     mask[:, :MAX_CAPTION_TOKENS].to(self.device), gen)
         model = self.model
         gens = [sample_generator(self.seed, step, i) for i in indices]
-        targets = torch.stack([to_target(pics[-1], self.extra["size"]) for _, pics in items]).to(self.device)
-        with torch.no_grad(), self.autocast:
-            latents = encode_latents(model.vae, targets, gens)
+        latents = self.latents(model.vae, keys, [pics[-1] for _, pics in items], gens)
         noise, t = noise_and_timesteps(latents, gens)
         noisy = q_sample(latents, noise, t, self.alphas)
         if self.stage == "finetune":
             return (self.extra["caption_ids"].expand(len(items), -1), noisy, t, noise)
-        inputs = preprocess_subject([pics[0] for _, pics in items], model.image_size, model.mean, model.std)
+        def encode(rows):  # the frozen image tower on the prompted-context inputs
+            inputs = preprocess_subject([items[i][1][0] for i in rows], model.image_size, model.mean, model.std)
+            return (model.qformer.visual_encoder(inputs.to(self.device)),)
         with torch.no_grad(), self.autocast:
-            image_embeds = model.qformer.visual_encoder(inputs.to(self.device))
+            image_embeds, = self.frozen("vision", keys, encode)
         qf_ids, qf_mask = model.qformer_tokenizer([rec["subject"] for rec, _ in items])
         # Our choice (the paper does not say where the subject prompt goes in pre-training): the text
         # exactly as inference builds it (blipdiff.build_prompt, "a {subject} {caption}" repeated) with
@@ -775,7 +800,7 @@ class Batches:
                 ids_plain.to(self.device), drop.to(self.device), noisy, t, noise)
 
 
-    def base(self, step, indices, items):
+    def base(self, step, indices, keys, items):
         """The toy's stage 0: pictures (and noise) for the VAE, pictures and captions for the CLIP pair,
         latents of the frozen VAE and captions (the empty one at --caption-drop) for the UNet."""
         gens = [sample_generator(self.seed, step, i) for i in indices]
@@ -787,8 +812,8 @@ class Batches:
             # longest caption changes nothing and is cut (a 77-token batch costs ~7x more).
             ids = ids[:, :int((ids == self.trainable.eos_id).int().argmax(dim=1).max()) + 1]
             return pixels.to(self.device), ids.to(self.device)
-        images = torch.stack([to_target(pics[0], self.extra["size"]) for _, pics in items]).to(self.device)
         if self.stage == "vae":
+            images = torch.stack([to_target(pics[0], self.extra["size"]) for _, pics in items]).to(self.device)
             # Random crops of half the side, as LDM trains its autoencoder on crops: the network is
             # convolutional (but for one attention layer), and a quarter of the pixels is a quarter of the time.
             c = self.extra["size"] // 2
@@ -796,8 +821,7 @@ class Batches:
             images = torch.stack([im[:, y:y + c, x:x + c] for im, (y, x) in zip(images, corners)])
             noise = torch.stack([torch.randn(self.extra["latent_shape"], generator=g) for g in gens])
             return images, noise.to(self.device)
-        with torch.no_grad(), self.autocast:
-            latents = encode_latents(self.extra["vae"], images, gens)
+        latents = self.latents(self.extra["vae"], keys, [pics[0] for _, pics in items], gens)
         noise, t = noise_and_timesteps(latents, gens)
         captions = ["" if float(torch.rand(1, generator=g)) < self.extra["caption_drop"] else rec["caption"]
                     for g, (rec, _) in zip(gens, items)]
