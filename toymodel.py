@@ -160,14 +160,14 @@ def curriculum(out, data_size, override=()):
         # joined by the UNet that --stage t2i trains into it.
         [[("base", d("base", "tokenizer"), None),
           ("t2i", d("base", "unet"), stage("t2i", "--model", "toy", "--data", records, "--sd", d("base"), "--ema", "0.995",
-                                             to=d("base")))],
+                                             "--cache", to=d("base")))],
          [("pairs", None,  # pairs.py resumes by itself: items already written are not redone
            ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
             "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2"])]],
         [[("subject", d("subject", "model_index.json"),
            stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
-                 "--steps", "2500", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
-                 "--ema", "0.995"))]],
+                 "--steps", "9000", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
+                 "--ema", "0.995", "--cache"))]],
     ]
 
 
