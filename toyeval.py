@@ -5,9 +5,11 @@ DreamBooth). In the toy world (toyworld.py) the truth is known, so held-out subj
 every context three ways (the prompt's text only, zero-shot from reference pictures, after 40 steps
 of fine-tuning on them) and the attribute oracle reads each generation back: did it keep the
 subject's category, colour and pattern, does it show the prompted context, and how close are its
-oracle features to the references' (the stand-in for DINO).
+oracle features to the references' (the stand-in for DINO). Linear probes say where a subject is
+lost before the UNet: in the frozen image tower, or in the subject embeddings.
 
     python toyworld.py evaluate --weights weights/toy --json toy_eval.json --sheet toy_eval.png
+    python toyworld.py probe --weights weights/toy
 """
 
 import contextlib
@@ -26,7 +28,8 @@ from tqdm import tqdm
 import train
 from blipdiff import BlipDiffusion
 from checkpoint import write_atomically
-from toyworld import CONTEXTS, WorldConfig, identities, load_oracle, render
+from blipdiff import preprocess_subject
+from toyworld import CONTEXTS, WorldConfig, batch, identities, load_oracle, render
 
 
 METHODS = ("text-only", "zero-shot", "fine-tuned")  # the rows: no subject, reference images, fine-tuned
@@ -161,3 +164,64 @@ def evaluate(args):
     print(f"evaluated {len(subjects)} subjects x {len(contexts)} contexts x {len(METHODS)} methods: sheet "
           f"(per subject: {', '.join(METHODS)}; first reference, then each context) in {args.sheet}"
           + (f", numbers in {args.json}" if args.json else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probes: what the frozen image tower and the subject embeddings know of a subject
+# ---------------------------------------------------------------------------------------------
+
+PROBED = ("category", "color", "pattern")
+
+
+@torch.no_grad()
+def probe_features(model, samples, chunk=200):
+    """Pictures -> {"image tower": its class token (N, D), "subject embedding": the Q-Former's
+    output given the true category word, flattened (N, 16 * D)}: what stage 2's UNet is told."""
+    out = {"image tower": [], "subject embedding": []}
+    for k in range(0, len(samples), chunk):
+        part = samples[k:k + chunk]
+        pixels = preprocess_subject([s.image for s in part], model.image_size, model.mean, model.std).to(model.device)
+        out["image tower"].append(model.qformer.visual_encoder(pixels)[:, 0].float().cpu())
+        ids, mask = (t.to(model.device) for t in model.qformer_tokenizer([s.category for s in part]))
+        out["subject embedding"].append(model.qformer(pixels, ids, mask).flatten(1).float().cpu())
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def linear_probe(train_x, train_y, test_x, test_y, steps=400, lr=1e-2, decay=1e-4):
+    """A softmax-regression on standardised features, full batch -> accuracy on the test set."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-5
+    a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    w = torch.zeros(a.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, bias], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        (F.cross_entropy(a @ w + bias, train_y) + decay * w.pow(2).sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((b @ w + bias).argmax(1) == test_y).float().mean())
+
+
+def probe(args):
+    """Linear probes (as CLIP's paper measures representations) on held-out identities: can the
+    category, colour and pattern be read off linearly from the frozen image tower's class token,
+    and from the subject embeddings, by a classifier fitted on pictures of training identities?
+    What the image tower does not hold, no later stage can give the UNet."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not os.path.isfile(os.path.join(args.weights, "model_index.json")):
+        raise ValueError(f"{args.weights}: no BLIP-Diffusion model there (a folder like weights/toy)")
+    torch.manual_seed(args.seed)
+    model = BlipDiffusion.from_pretrained(args.weights)
+    rng = np.random.default_rng(args.seed)
+    (_, train_y, train_s), (_, test_y, test_s) = batch(rng, args.n, "train"), batch(rng, args.n // 4, "heldout")
+    train_f, test_f = probe_features(model, train_s), probe_features(model, test_s)
+    rows = {name: {a: linear_probe(train_f[name], train_y[a], test_f[name], test_y[a]) for a in PROBED}
+            for name in train_f}
+    print(f"{args.weights}: linear probes fitted on {args.n} pictures of training identities, "
+          f"accuracy on {args.n // 4} of held-out ones")
+    print("| features | category | colour | pattern |\n|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[a]:.3f}" for a in PROBED) + " |")
+    return rows

@@ -28,6 +28,7 @@ visible on a background of its own colour (a green ball on grass, a white one in
     python toyworld.py data --out runs/toy/data          # a training set on disk (toymodel.py runs it)
     python toyworld.py examples                          # examples/: the README's held-out subjects
     python toyworld.py evaluate --weights weights/toy   # the toy Table 1, read by the oracle (toyeval.py)
+    python toyworld.py probe --weights weights/toy      # what the image tower and subject embeddings hold
 """
 
 import argparse
@@ -657,11 +658,17 @@ def main():
     p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    p = sub.add_parser("probe", help="linear probes: category, colour, pattern read off the image tower and subject embeddings",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="weights/toy", help="a BLIP-Diffusion folder in the published layout")
+    p.add_argument("--n", type=int, default=2000, help="training-identity pictures to fit on (a quarter as many held-out ones to test)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the pictures and the probes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     args = parser.parse_args()
     try:
-        if args.command == "evaluate":
+        if args.command in ("evaluate", "probe"):
             import toyeval  # here: the world and its oracle need no diffusion model
-            toyeval.evaluate(args)
+            getattr(toyeval, args.command)(args)
         else:
             commands = {"show": show, "data": write_data, "examples": write_examples, "train-oracle": train_oracle,
                         "eval-oracle": eval_oracle}

@@ -148,3 +148,31 @@ def test_evaluate_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "evaluate", "--weights", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no BLIP-Diffusion model there"):
         tw.main()
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    import toyeval
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (400,), generator=g)
+    noise = torch.randn(400, 16, generator=g)
+    held = torch.nn.functional.one_hot(y, 5).float() * 3 + 0.3 * noise[:, :5]  # the label, linearly
+    blind = noise  # nothing of the label
+    train, test = slice(0, 300), slice(300, 400)
+    assert toyeval.linear_probe(held[train], y[train], held[test], y[test]) == 1.0
+    assert toyeval.linear_probe(blind[train], y[train], blind[test], y[test]) < 0.45  # chance is 0.2
+
+
+def test_probe_command_prints_a_row_per_feature(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import train
+    torch.set_num_threads(1)
+    train.tiny_model(str(tmp_path / "tiny_src")).save_pretrained(str(tmp_path / "model"))
+    monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--weights", str(tmp_path / "model"), "--n", "40",
+                                      "--threads", "1"])
+    tw.main()
+    printed = capsys.readouterr().out
+    assert "| features | category | colour | pattern |" in printed
+    rows = [line for line in printed.splitlines() if line.startswith(("| image tower", "| subject embedding"))]
+    assert len(rows) == 2
+    assert all(0 <= float(v) <= 1 for line in rows for v in line.strip("| ").split(" | ")[1:])
