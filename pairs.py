@@ -336,7 +336,8 @@ def main():
         counts = build(items, backgrounds, args.out, make_segmenter, settings, args.workers, args.seed)
     except ValueError as e:  # CheckpointError (a bad --clipseg folder) is one too
         sys.exit(f"error: {e}")
-    print(f"wrote {counts['records']} records to {os.path.join(args.out, 'records.jsonl')}, skipped "
+    records = os.path.join(args.out, "records.jsonl")
+    print(f"wrote {counts['records']} new records to {records} ({len(read_done(records))} in all), skipped "
           f"{counts['skipped']} (reasons in {os.path.join(args.out, 'skipped.jsonl')})")
 
 

@@ -197,7 +197,10 @@ def test_command_line_with_clipseg(data, tmp_path, monkeypatch, capsys):
     assert read_lines(out / "records.jsonl") == [dict(input="inputs/000000_shape0.png",
                                                       target="targets/000000_shape0.png",
                                                       subject="ball", caption="a ball")]
-    assert capsys.readouterr().out.startswith(f"wrote 1 records to {out / 'records.jsonl'}, skipped 0")
+    assert capsys.readouterr().out.startswith(f"wrote 1 new records to {out / 'records.jsonl'} (1 in all), skipped 0")
+    pairs.main()  # a rerun resumes: nothing left to do, and the manifest says what is there
+    assert capsys.readouterr().out.startswith(f"wrote 0 new records to {out / 'records.jsonl'} (1 in all), skipped 0")
+    assert len(read_lines(out / "records.jsonl")) == 1
 
 
 PATH_FLAGS = ("--data", "--backgrounds", "--clipseg", "--out")
