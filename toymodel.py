@@ -166,7 +166,7 @@ def curriculum(out, data_size, override=()):
             "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2"])]],
         [[("subject", d("subject", "model_index.json"),
            stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
-                 "--steps", "9000", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
+                 "--steps", "5000", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
                  "--ema", "0.995", "--cache"))]],
     ]
 
