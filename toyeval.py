@@ -26,9 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import train
-from blipdiff import BlipDiffusion
+from blipdiff import BlipDiffusion, preprocess_subject
 from checkpoint import write_atomically
-from blipdiff import preprocess_subject
 from toyworld import CONTEXTS, WorldConfig, batch, identities, load_oracle, render
 
 
@@ -212,6 +211,8 @@ def probe(args):
         torch.set_num_threads(args.threads)
     if not os.path.isfile(os.path.join(args.weights, "model_index.json")):
         raise ValueError(f"{args.weights}: no BLIP-Diffusion model there (a folder like weights/toy)")
+    if args.n < 8:
+        raise ValueError(f"--n must be at least 8 (a quarter of it are the held-out test pictures), got {args.n}")
     torch.manual_seed(args.seed)
     model = BlipDiffusion.from_pretrained(args.weights)
     rng = np.random.default_rng(args.seed)

@@ -176,3 +176,13 @@ def test_probe_command_prints_a_row_per_feature(tmp_path, monkeypatch, capsys):
     rows = [line for line in printed.splitlines() if line.startswith(("| image tower", "| subject embedding"))]
     assert len(rows) == 2
     assert all(0 <= float(v) <= 1 for line in rows for v in line.strip("| ").split(" | ")[1:])
+
+
+def test_probe_says_what_is_wrong(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--weights", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="no BLIP-Diffusion model there"):
+        tw.main()
+    monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--n", "4"])
+    with pytest.raises(SystemExit, match="--n must be at least 8"):
+        tw.main()
