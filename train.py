@@ -302,6 +302,22 @@ class MultimodalStage(nn.Module):
         return self.pretraining(ids, mask, pixel_values=pixel_values, generator=generator)["loss"]
 
 
+def epsilon_loss(pred, noise, weight=None):
+    """The diffusion loss: mean squared error of the predicted noise, each sample scaled by `weight`
+    (B,) when given (--min-snr)."""
+    err = (pred.float() - noise.float()).pow(2)
+    return err.mean() if weight is None else (err.flatten(1).mean(1) * weight).mean()
+
+
+def min_snr_weight(t, alphas, gamma):
+    """Min-SNR-γ (Hang et al. 2023) for ε-prediction: min(SNR(t), γ) / SNR(t), SNR = ᾱ / (1 - ᾱ).
+    The nearly clean timesteps, whose noise is hardest to predict and least decides the picture, are
+    turned down; from SNR ≤ γ on the weight is 1."""
+    a = alphas[t].float()
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
 class SubjectStage(nn.Module):
     """Stage 2: ε-prediction loss of the UNet conditioned on the text with the subject inserted."""
 
@@ -309,13 +325,13 @@ class SubjectStage(nn.Module):
         super().__init__()
         self.qformer, self.text_encoder, self.unet = model.qformer, model.text_encoder, model.unet
 
-    def forward(self, image_embeds, qf_ids, qf_mask, ids_ctx, ids_plain, drop, noisy, t, noise):
+    def forward(self, image_embeds, qf_ids, qf_mask, ids_ctx, ids_plain, drop, noisy, t, noise, weight=None):
         hidden = self.qformer.encode(image_embeds, qf_ids, qf_mask)
         ctx = self.qformer.proj_layer(hidden[:, :self.qformer.config.num_query_tokens])
         text = self.text_encoder(ids_ctx, ctx_embeddings=ctx)
         if drop.any():  # the dropped rows alone are encoded again, without the subject
             text = text.index_put((drop,), self.text_encoder(ids_plain[drop]))
-        return F.mse_loss(self.unet(noisy, t, text).float(), noise.float())
+        return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
 
 class FinetuneStage(nn.Module):
@@ -328,9 +344,9 @@ class FinetuneStage(nn.Module):
         self.unet = model.unet
         self.text_encoder = [model.text_encoder]  # in a list: frozen, so not a DDP-managed submodule
 
-    def forward(self, ids, noisy, t, noise):
+    def forward(self, ids, noisy, t, noise, weight=None):
         text = self.text_encoder[0](ids, ctx_embeddings=self.ctx_embeddings.expand(ids.shape[0], -1, -1))
-        return F.mse_loss(self.unet(noisy, t, text).float(), noise.float())
+        return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
 
 class VAEStage(nn.Module):
@@ -379,10 +395,10 @@ class T2IStage(nn.Module):
         self.unet = unet
         self.text_encoder = [text_encoder]  # in a list: frozen, so not a DDP-managed submodule
 
-    def forward(self, ids, noisy, t, noise):
+    def forward(self, ids, noisy, t, noise, weight=None):
         with torch.no_grad():
             text = self.text_encoder[0](ids)
-        return F.mse_loss(self.unet(noisy, t, text).float(), noise.float())
+        return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
 
 def base_stage(args, records, extra):
@@ -503,6 +519,12 @@ def main(argv=None):
     p.add_argument("--caption-drop", type=float, default=None,
                    help="share of steps trained on the empty prompt, for classifier-free guidance "
                         "(default: t2i 0.1 as SD; else 0, the paper's stage 2 has only the subject drop)")
+    p.add_argument("--min-snr", type=float, default=0.0, metavar="GAMMA",
+                   help="t2i, subject, finetune: min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs; 0: off, "
+                        "the plain mean as SD and the paper)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                   help="lr after the warm-up: constant, or cosine down to 10%% at the last step "
+                        "(default: cosine for stage 1 as BLIP-2, constant elsewhere as published)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
@@ -586,6 +608,9 @@ def train(args):
     # module of its trainable parts that DDP wraps. Frozen parts: eval mode, no gradients.
     model, frozen, extra = None, [], {}
     extra["caption_drop"] = (0.1 if stage == "t2i" else 0.0) if args.caption_drop is None else args.caption_drop
+    if args.min_snr and stage not in ("t2i", "subject", "finetune"):
+        raise TrainError(f"--min-snr weights the diffusion loss: only with --stage t2i, subject or finetune")
+    extra["min_snr"] = args.min_snr
     if stage in BASE_STAGES:
         trainable, frozen, configs = base_stage(args, records, extra)
         trainable.to(device)
@@ -641,8 +666,9 @@ def train(args):
         optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr)
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr)
-    # Linear warm-up, then constant (stage 2 and fine-tuning, as published) or cosine to 10% (stage 1, as BLIP-2).
-    cosine = stage == "multimodal"
+    # Linear warm-up, then constant (stage 2 and fine-tuning, as published) or cosine to 10% (stage 1,
+    # as BLIP-2; any stage with --schedule cosine).
+    cosine = (args.schedule or ("cosine" if stage == "multimodal" else "constant")) == "cosine"
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))) if cosine else 1.0))
 
@@ -781,7 +807,7 @@ class Batches:
         noise, t = noise_and_timesteps(latents, gens)
         noisy = q_sample(latents, noise, t, self.alphas)
         if self.stage == "finetune":
-            return (self.extra["caption_ids"].expand(len(items), -1), noisy, t, noise)
+            return (self.extra["caption_ids"].expand(len(items), -1), noisy, t, noise, self.weight(t))
         def encode(rows):  # the frozen image tower on the prompted-context inputs
             inputs = preprocess_subject([items[i][1][0] for i in rows], model.image_size, model.mean, model.std)
             return (model.qformer.visual_encoder(inputs.to(self.device)),)
@@ -799,7 +825,7 @@ class Batches:
         plain = [p if x < SUBJECT_DROP else "" for p, x in zip(prompts, u)]
         ids_plain = model.tokenizer(plain, max_length=MAX_LENGTH)
         return (image_embeds, qf_ids.to(self.device), qf_mask.to(self.device), ids_ctx.to(self.device),
-                ids_plain.to(self.device), drop.to(self.device), noisy, t, noise)
+                ids_plain.to(self.device), drop.to(self.device), noisy, t, noise, self.weight(t))
 
 
     def base(self, step, indices, keys, items):
@@ -828,7 +854,12 @@ class Batches:
         captions = ["" if float(torch.rand(1, generator=g)) < self.extra["caption_drop"] else rec["caption"]
                     for g, (rec, _) in zip(gens, items)]
         ids = self.extra["tokenizer"](captions, max_length=MAX_LENGTH)
-        return ids.to(self.device), q_sample(latents, noise, t, self.alphas), t, noise
+        return ids.to(self.device), q_sample(latents, noise, t, self.alphas), t, noise, self.weight(t)
+
+    def weight(self, t):
+        """Each sample's weight in the diffusion loss: min-SNR-γ with --min-snr, else None (plain mean)."""
+        gamma = self.extra.get("min_snr")
+        return min_snr_weight(t, self.alphas, gamma) if gamma else None
 
 
 class ema_weights:

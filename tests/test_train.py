@@ -77,6 +77,38 @@ def test_finetune_loss_falls_and_sample_generates_the_subject(tmp_path, capsys):
     assert np.load(picture).shape == (1, 32, 32, 3)
 
 
+def test_min_snr_weights_are_diffusers_ones():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000)
+    t = torch.arange(0, 1000, 7)
+    snr = compute_snr(scheduler, t)
+    want = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # diffusers' train_text_to_image, ε-prediction
+    got = train.min_snr_weight(t, train.alphas_cumprod(), 5.0)
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+    assert got[0] < 0.01 and got[-1] == 1.0
+
+
+def test_min_snr_and_cosine_schedule(tmp_path, capsys):
+    args = ["--stage", "subject", *TINY, "--steps", "30", "--batch-size", "4", "--lr", "1e-3"]
+    # A γ above every SNR weighs each sample 1: the plain mean, to float rounding.
+    assert train.main(args + ["--steps", "3", "--out", str(tmp_path / "plain")]) == 0
+    assert train.main(args + ["--steps", "3", "--min-snr", "1e9", "--out", str(tmp_path / "huge")]) == 0
+    assert np.allclose(losses(tmp_path / "plain"), losses(tmp_path / "huge"), rtol=1e-6, atol=0)
+    out = tmp_path / "snr"
+    assert train.main(args + ["--min-snr", "5", "--schedule", "cosine", "--out", str(out)]) == 0
+    got = losses(out)
+    assert got[0] < losses(tmp_path / "plain")[0]  # the same first batch, its nearly clean samples turned down
+    assert np.mean(got[-6:]) < np.mean(got[:6])
+    with open(out / "log.jsonl") as f:
+        lrs = [json.loads(line)["lr"] for line in f]
+    assert lrs[-1] == pytest.approx(1e-4) and lrs[0] == pytest.approx(1e-3, rel=0.01)
+    assert train.main(["--stage", "vae", "--model", "toy", "--data", "toy", "--min-snr", "5",
+                       "--out", str(tmp_path / "vae")]) == 1
+    assert "--min-snr weights the diffusion loss" in capsys.readouterr().err
+
+
 def test_two_processes_equal_one_and_torchrun_resume(tmp_path):
     # The contract of the training issue, with two gloo processes on the CPU.
     out2 = str(tmp_path / "two")
