@@ -167,7 +167,7 @@ def curriculum(out, data_size, override=()):
         [[("subject", d("subject", "model_index.json"),
            stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
                  "--steps", "5000", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
-                 "--ema", "0.995", "--cache"))]],
+                 "--ema", "0.995", "--cache", "--min-snr", "5", "--schedule", "cosine"))]],
     ]
 
 
