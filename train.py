@@ -609,7 +609,7 @@ def train(args):
     model, frozen, extra = None, [], {}
     extra["caption_drop"] = (0.1 if stage == "t2i" else 0.0) if args.caption_drop is None else args.caption_drop
     if args.min_snr and stage not in ("t2i", "subject", "finetune"):
-        raise TrainError(f"--min-snr weights the diffusion loss: only with --stage t2i, subject or finetune")
+        raise TrainError("--min-snr weights the diffusion loss: only with --stage t2i, subject or finetune")
     extra["min_snr"] = args.min_snr
     if stage in BASE_STAGES:
         trainable, frozen, configs = base_stage(args, records, extra)
@@ -858,7 +858,7 @@ class Batches:
 
     def weight(self, t):
         """Each sample's weight in the diffusion loss: min-SNR-γ with --min-snr, else None (plain mean)."""
-        gamma = self.extra.get("min_snr")
+        gamma = self.extra["min_snr"]
         return min_snr_weight(t, self.alphas, gamma) if gamma else None
 
 
