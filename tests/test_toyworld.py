@@ -102,12 +102,33 @@ def test_the_shipped_oracle_reads_the_world():
     for split in ("train", "heldout"):
         acc = tw.accuracy(oracle, rng, 200, split)
         assert all(v >= 0.98 for v in acc.values()), (split, acc)
+    # Softened pictures (blurred, resampled, noisy: as soft as a generation) read as well, so a
+    # faithful but soft generation is not scored as a miss.
+    acc = tw.accuracy(oracle, rng, 200, "heldout", soften=True)
+    assert all(v >= 0.96 for v in acc.values()), acc
     x, y, samples = tw.batch(rng, 8)
     images = [s.image for s in samples]
     assert all(torch.equal(a, b) for a, b in zip(oracle.predict(images).values(), oracle.predict(x).values()))
     f = oracle.features(images)
     assert f.shape == (8, oracle.config.feature_dim)
     assert torch.allclose(f, oracle.features(x), atol=1e-5)
+
+
+def test_degrade_softens_but_keeps_the_picture():
+    x, _, _ = tw.batch(np.random.default_rng(0), 16)
+    soft = tw.degrade(x, torch.Generator().manual_seed(0))
+    assert soft.shape == x.shape and 0 <= float(soft.min()) and float(soft.max()) <= 1
+    assert torch.equal(soft, tw.degrade(x, torch.Generator().manual_seed(0)))  # seeded
+    diff = (soft - x).abs().mean(dim=(1, 2, 3))
+    assert float(diff.max()) > 0.005  # softened ...
+    assert float((soft.mean(dim=(2, 3)) - x.mean(dim=(2, 3))).abs().max()) < 0.02  # ... but the colours stay
+    # A blur keeps a flat picture flat and spreads a point over its neighbours, summing to one.
+    flat = torch.full((1, 3, 9, 9), 0.3)
+    assert torch.allclose(tw.gaussian_blur(flat, 1.0), flat, atol=1e-6)
+    point = torch.zeros(1, 3, 15, 15)
+    point[..., 7, 7] = 1
+    blurred = tw.gaussian_blur(point, 1.0)
+    assert abs(float(blurred.sum()) - 3) < 1e-5 and float(blurred[0, 0, 7, 7]) < 0.2
 
 
 @pytest.mark.skipif(not os.path.isfile(ORACLE), reason="weights/toy/oracle.safetensors not trained yet")
