@@ -150,6 +150,14 @@ def load_strict(model, sd, source):
     return model
 
 
+def plain_mode(path, folder=False):
+    """Give a temporary file (0600) or folder (0700) the permissions open() or mkdir() would have
+    given it under the user's umask, so what is renamed into place is not private by accident."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
 def write_atomically(path, write):
     """Call write(tmp) on a temporary file beside `path` (same extension), then rename it into place:
     a crash never leaves a half-written file under `path`."""
@@ -158,6 +166,7 @@ def write_atomically(path, write):
     os.close(fd)
     try:
         write(tmp)
+        plain_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -179,6 +188,7 @@ def write_folder_atomically(folder, write, merge=False):
     old = None
     try:
         write(tmp)
+        plain_mode(tmp, folder=True)
         if not os.path.exists(folder):
             os.replace(tmp, folder)
             return

@@ -125,3 +125,19 @@ def test_half_precision_file_loads_into_fp32_model(tmp_path):
     load_strict(model, sd, source)
     assert model.proj.weight.dtype == torch.float32
     assert torch.allclose(model.proj.weight, ref.proj.weight, atol=1e-3)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from checkpoint import write_atomically, write_folder_atomically
+    umask = os.umask(0o022)
+    try:
+        write_atomically(str(tmp_path / "out.png"), lambda tmp: open(tmp, "w").write("x"))
+        write_folder_atomically(str(tmp_path / "model"), lambda tmp: open(os.path.join(tmp, "w.txt"), "w").write("x"))
+        plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain"
+        plain_file.write_text("x")
+        plain_dir.mkdir()
+    finally:
+        os.umask(umask)
+    mode = lambda p: os.stat(p).st_mode & 0o777
+    assert mode(tmp_path / "out.png") == mode(plain_file) == 0o644  # not mkstemp's private 0600
+    assert mode(tmp_path / "model") == mode(plain_dir) == 0o755  # not mkdtemp's 0700
