@@ -50,7 +50,7 @@ from tqdm import tqdm
 import matting
 import toyworld
 from blipdiff import IMAGE_EXTENSIONS, image_files
-from clip import CLIPSeg
+from clipseg import CLIPSeg
 
 
 

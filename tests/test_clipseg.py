@@ -1,4 +1,4 @@
-"""clip.py's CLIPSeg against transformers 4.51.3's CLIPSegForImageSegmentation and CLIPSegProcessor:
+"""clipseg.py's CLIPSeg against transformers 4.51.3's CLIPSegForImageSegmentation and CLIPSegProcessor:
 small random models saved in the published `CIDAS/clipseg-rd64-refined` layout and loaded back by our
 code, the processor with the published settings, and the published sizes on the meta device."""
 
@@ -14,7 +14,7 @@ from transformers import CLIPSegForImageSegmentation as RefCLIPSeg
 from transformers import CLIPSegProcessor, ViTImageProcessor
 from transformers import CLIPTokenizer as RefTokenizer
 
-import clip
+import clipseg
 from checkpoint import CheckpointError
 
 PROMPTS = ["a dog", "a red striped ball on the grass", "the teapot"]
@@ -56,7 +56,7 @@ def saved_reference(folder, eos, safe=True, complex_head=True):
                                                    (True, "legacy", False)])
 def test_logits_equal_transformers(tmp_path, safe, eos, complex_head):
     ref, ref_tok = saved_reference(tmp_path, eos, safe, complex_head)
-    ours = clip.CLIPSeg.from_pretrained(tmp_path)
+    ours = clipseg.CLIPSeg.from_pretrained(tmp_path)
     assert ours.config.use_complex_transposed_convolution is complex_head
     # 64 px -> a 4 x 4 grid against the 2 x 2 position table: the interpolated path, as 352 px vs 224.
     pixels = torch.randn(len(PROMPTS), 3, 64, 64)
@@ -79,14 +79,14 @@ def test_logits_equal_transformers(tmp_path, safe, eos, complex_head):
 
 def test_segment_equals_processor_and_model(tmp_path):
     ref, ref_tok = saved_reference(tmp_path, "legacy")
-    ours = clip.CLIPSeg.from_pretrained(tmp_path)
+    ours = clipseg.CLIPSeg.from_pretrained(tmp_path)
     processor = CLIPSegProcessor(image_processor=published_image_processor(), tokenizer=ref_tok)
     image = random_image(90, 61)
     with torch.no_grad():
         want = torch.sigmoid(ref(**processor(text=PROMPTS, images=[image] * 3, padding=True,
                                              return_tensors="pt")).logits)
         got = ours.segment([image], PROMPTS)
-    assert got.shape == (3, clip.CLIPSEG_SIZE, clip.CLIPSEG_SIZE)
+    assert got.shape == (3, clipseg.CLIPSEG_SIZE, clipseg.CLIPSEG_SIZE)
     assert_close(got, want)
     with pytest.raises(ValueError, match="2 images for 3 prompts"):
         ours.segment([image, image], PROMPTS)
@@ -110,7 +110,7 @@ def random_image(width, height, seed=0):
 def test_preprocess_equals_published_processor():
     images = [random_image(97, 61), random_image(400, 500, seed=1)]  # non-square, down and up
     want = torch.from_numpy(published_image_processor()(images, return_tensors="np").pixel_values)
-    got = clip.clipseg_preprocess(images)
+    got = clipseg.clipseg_preprocess(images)
     assert got.shape == (2, 3, 352, 352) and got.dtype == torch.float32
     assert (got - want).abs().max() < 1e-5
 
@@ -120,7 +120,7 @@ def test_strict_loading_names_head_keys(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "use_complex_transposed_convolution": False}))
     with pytest.raises(CheckpointError, match="decoder.transposed_convolution"):
-        clip.CLIPSeg.from_pretrained(tmp_path)
+        clipseg.CLIPSeg.from_pretrained(tmp_path)
 
 
 def test_published_size():
@@ -131,7 +131,7 @@ def test_published_size():
                           decoder_hidden_act="quick_gelu", projection_dim=512,
                           use_complex_transposed_convolution=True)
     with torch.device("meta"):
-        ours, ref = clip.CLIPSeg(), RefCLIPSeg(published)
+        ours, ref = clipseg.CLIPSeg(), RefCLIPSeg(published)
     theirs = ref.state_dict()
     assert ours.state_dict().keys() == theirs.keys()
     assert all(v.shape == theirs[k].shape for k, v in ours.state_dict().items())
@@ -139,7 +139,7 @@ def test_published_size():
     assert sum(p.numel() for p in ours.decoder.parameters()) == 1_127_009  # reference notes sec. 3.1
     assert ours.clip.vision_model.embeddings.position_embedding.weight.shape == (197, 768)
     # Our config reads the published config.json back to its own defaults.
-    assert clip.CLIPSegConfig.from_dict(published.to_dict()) == clip.CLIPSegConfig()
+    assert clipseg.CLIPSegConfig.from_dict(published.to_dict()) == clipseg.CLIPSegConfig()
 
 
 def test_config_dict_wins_as_in_transformers():
@@ -149,7 +149,7 @@ def test_config_dict_wins_as_in_transformers():
                "text_config": {"eos_token_id": 2, "hidden_size": 64}, "text_config_dict": {"hidden_size": 48}},
               {"vision_config": {"patch_size": 16, "image_size": 32}, "vision_config_dict": {"image_size": 64},
                "text_config_dict": {"bos_token_id": 0, "eos_token_id": 2}}]:
-        ref, ours = RefConfig(**d), clip.CLIPSegConfig.from_dict(d)
+        ref, ours = RefConfig(**d), clipseg.CLIPSegConfig.from_dict(d)
         for tower in ("text_config", "vision_config"):
             for name, value in vars(getattr(ours, tower)).items():
                 assert value == getattr(getattr(ref, tower), name), (tower, name)
