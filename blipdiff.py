@@ -34,6 +34,10 @@ from vae import AutoencoderKL
 # The released code repeats the prompt 20 times (prompt_reps), an amplification the paper does not
 # mention; diffusers and LAVIS both default to it.
 PROMPT_REPS = 20
+# The guidance scale generate() uses unless told: diffusers' default for the published model; a model
+# folder may name its own in model_index.json ("guidance", our key, which diffusers ignores), as the
+# toy model does (toymodel.GUIDANCE).
+GUIDANCE = 7.5
 
 # Stable Diffusion v1.5's training schedule (its scheduler_config.json): "scaled_linear" betas,
 # 1000 steps. BLIP-Diffusion keeps it unchanged.
@@ -272,7 +276,7 @@ class BlipDiffusion(nn.Module):
 
     def __init__(self, qformer, text_encoder, unet, vae, tokenizer_folder, qformer_vocab,
                  scheduler_config=None, image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD,
-                 ctx_embeddings=None, subject_text=None):
+                 ctx_embeddings=None, subject_text=None, guidance=GUIDANCE):
         super().__init__()
         self.qformer, self.text_encoder, self.unet, self.vae = qformer, text_encoder, unet, vae
         # The tokenizers are kept with the files they came from, which save_pretrained copies.
@@ -285,6 +289,7 @@ class BlipDiffusion(nn.Module):
         # embeddings, trained further, and the subject's word. The Q-Former is then not needed.
         self.ctx_embeddings = None if ctx_embeddings is None else nn.Parameter(ctx_embeddings, requires_grad=False)
         self.subject_text = subject_text
+        self.guidance = guidance  # generate()'s default scale
 
     @classmethod
     def from_pretrained(cls, folder):
@@ -306,7 +311,7 @@ class BlipDiffusion(nn.Module):
             scheduler_config=read_scheduler_config(folder),
             image_size=(size.get("height", 224), size.get("width", 224)),
             mean=tuple(index.get("mean") or CLIP_MEAN), std=tuple(index.get("std") or CLIP_STD),
-            ctx_embeddings=ctx, subject_text=subject_text,
+            ctx_embeddings=ctx, subject_text=subject_text, guidance=float(index.get("guidance", GUIDANCE)),
         ).eval()
 
     def save_pretrained(self, folder):
@@ -316,7 +321,8 @@ class BlipDiffusion(nn.Module):
         def write(tmp):
             write_json(os.path.join(tmp, "model_index.json"),
                        {"_class_name": "BlipDiffusionPipeline", "ctx_begin_pos": CTX_BEGIN_POS,
-                        "mean": list(self.mean), "std": list(self.std)})
+                        "mean": list(self.mean), "std": list(self.std),
+                        **({} if self.guidance == GUIDANCE else {"guidance": self.guidance})})
             write_part(tmp, "qformer", asdict(self.qformer.config), self.qformer, "model.safetensors")
             write_part(tmp, "text_encoder", asdict(self.text_encoder.config), self.text_encoder, "model.safetensors")
             write_part(tmp, "unet", asdict(self.unet.config), self.unet, "diffusion_pytorch_model.safetensors")
@@ -398,7 +404,7 @@ class BlipDiffusion(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
-                 negative_prompt="", steps=50, guidance=7.5, seed=0, height=512, width=512, scheduler="pndm",
+                 negative_prompt="", steps=50, guidance=None, seed=0, height=512, width=512, scheduler="pndm",
                  num_images=1, prompt_strength=1.0, prompt_reps=PROMPT_REPS, center_crop=False,
                  ctx_embeddings=None, controlnet=None, control_image=None, control_scale=1.0, controller=None,
                  output="pil", progress=True):
@@ -413,8 +419,10 @@ class BlipDiffusion(nn.Module):
         controlnet, control_image (PIL), control_scale: structure control (controlnet.py), e.g. a canny
         ControlNet and `controlnet.canny_control_image(picture)`; the residuals are scaled by control_scale.
         controller: `controller(probs, place) -> probs` on every UNet attention map (unet.Attention).
+        guidance: the classifier-free guidance scale, default the model's own (`self.guidance`).
         Returns PIL images (output="pil"), or a float32 array (N, H, W, 3) in [0, 1] (output="np").
         """
+        guidance = self.guidance if guidance is None else guidance
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
         sampler = make_sampler(scheduler, steps, self.scheduler_config.get("steps_offset"))

@@ -5,9 +5,9 @@
         --prompt "swimming underwater" --out out.png
 
 Without --weights the shipped toy model (weights/toy, trained by toymodel.py) is used. Defaults
-reproduce diffusers' BlipDiffusionPipeline: 50 PNDM steps, guidance 7.5, the model's own resolution
-(512x512 for the published model, 64x64 for the toy), an empty negative prompt, the prompt repeated
-20 times. Everything is checked before the weights are
+reproduce diffusers' BlipDiffusionPipeline: 50 PNDM steps, guidance 7.5 (or the scale the model's
+model_index.json names: 5 for the toy), the model's own resolution (512x512 for the published model,
+64x64 for the toy), an empty negative prompt, the prompt repeated 20 times. Everything is checked before the weights are
 read, so bad input costs a second, prints one line and writes nothing.
 """
 
@@ -147,7 +147,9 @@ def main(argv=None):
     p.add_argument("--prompt", required=True, help='the new context, e.g. "swimming underwater"')
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default empty, as diffusers)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 7.5 published, "
+                        "5 the toy)")
     p.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed + k")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's, 512 published)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
@@ -220,6 +222,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
+    args.guidance = model.guidance if args.guidance is None else args.guidance
     if args.edit_word:
         import editing
         common = dict(subject_images=subjects[0] if subjects else None, subject_text=args.subject_text[0] if subjects else None,

@@ -116,6 +116,7 @@ def evaluate(args):
     oracle = load_oracle(args.oracle, device)
     model = BlipDiffusion.from_pretrained(args.weights).to(device)
     side = model.resolution
+    args.guidance = model.guidance if args.guidance is None else args.guidance
     contexts, subjects = CONTEXTS[:args.contexts], eval_subjects(args.subjects, args.seed)
     kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=side, width=side,
               progress=False)

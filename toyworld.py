@@ -687,7 +687,8 @@ def main():
     p.add_argument("--refs", type=int, default=3, help="reference pictures per subject, each in another context")
     # Sampling as sample.py's defaults, so the table describes what a user gets.
     p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
     p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm", help="pndm: the published scheduler")
     p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
     p.add_argument("--finetune-lr", type=float, default=1e-4,

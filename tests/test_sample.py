@@ -53,6 +53,30 @@ def test_output_equals_reference_pipeline(tiny_pipeline, subject, tmp_path, extr
     assert np.abs(out - ref).max() <= 1e-4
 
 
+def test_a_model_folder_names_its_own_guidance(tiny_pipeline, subject, tmp_path):
+    """model_index.json's "guidance" (the toy model's) is the default scale, diffusers' reference
+    reading the folder as before; an explicit --guidance still wins, and saving keeps it."""
+    import json
+    import shutil
+    from blipdiff import BlipDiffusion
+    pipe, folder = tiny_pipeline
+    own = tmp_path / "own"
+    shutil.copytree(folder, own)
+    index = json.loads((own / "model_index.json").read_text())
+    (own / "model_index.json").write_text(json.dumps({**index, "guidance": 1.0}))
+    assert run(str(own), subject, tmp_path / "own.npy") == 0
+    assert run(folder, subject, tmp_path / "one.npy", "--guidance", "1") == 0
+    assert run(folder, subject, tmp_path / "default.npy") == 0
+    assert run(str(own), subject, tmp_path / "told.npy", "--guidance", "7.5") == 0
+    own_default, one, default, told = (np.load(tmp_path / f"{n}.npy") for n in ("own", "one", "default", "told"))
+    assert np.array_equal(own_default, one) and np.array_equal(told, default)
+    assert np.abs(own_default - default).max() > 1e-3  # the scale matters at all
+    model = BlipDiffusion.from_pretrained(str(own))
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert BlipDiffusion.from_pretrained(str(tmp_path / "saved")).guidance == 1.0
+    assert BlipDiffusion.from_pretrained(folder).guidance == 7.5
+
+
 def test_command_line_writes_a_grid_and_each_image(tiny_pipeline, subject, tmp_path):
     _, folder = tiny_pipeline
     out = tmp_path / "out.png"

@@ -60,6 +60,7 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
 
     # Installed in the published layout: it loads as a whole and renders a subject at 64 x 64.
     assert os.path.isfile(installed / "model_index.json")
+    assert model.guidance == toymodel.GUIDANCE  # the toy's own default scale, named in model_index.json
     picture = model.generate("in the snow", images[:1], "ball", steps=2, height=64, width=64, progress=False)[0]
     assert picture.size == (64, 64)
     # A rerun finds every stage done and redoes nothing.
