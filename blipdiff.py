@@ -34,9 +34,9 @@ from vae import AutoencoderKL
 # The released code repeats the prompt 20 times (prompt_reps), an amplification the paper does not
 # mention; diffusers and LAVIS both default to it.
 PROMPT_REPS = 20
-# The guidance scale generate() uses unless told: diffusers' default for the published model; a model
-# folder may name its own in model_index.json ("guidance", our key, which diffusers ignores), as the
-# toy model does (toymodel.GUIDANCE).
+# The guidance scale generate() uses unless told: diffusers' default for the published model. A model
+# folder may name its own in model_index.json ("guidance", a key of ours; diffusers' pipeline takes
+# the scale per call), as the toy model does (toymodel.GUIDANCE).
 GUIDANCE = 7.5
 
 # Stable Diffusion v1.5's training schedule (its scheduler_config.json): "scaled_linear" betas,
