@@ -28,7 +28,8 @@ from tqdm import tqdm
 import train
 from blipdiff import BlipDiffusion, preprocess_subject
 from checkpoint import write_atomically
-from toyworld import CONTEXTS, WorldConfig, batch, identities, load_oracle, render
+from oracle import load_oracle
+from toyworld import CONTEXTS, WorldConfig, batch, identities, render
 
 
 METHODS = ("text-only", "zero-shot", "fine-tuned")  # the rows: no subject, reference images, fine-tuned

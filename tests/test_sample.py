@@ -217,7 +217,7 @@ def test_bad_control_and_edit_flags(tiny_pipeline, subject, tmp_path, capsys):
 def test_the_quick_start_runs_on_the_shipped_toy_model(tmp_path, monkeypatch, capsys):
     """The README's first command: no --weights, so the shipped toy model, at its own 64 x 64; the
     held-out ball is rendered, and the oracle sees the prompted snow in the picture."""
-    import toyworld
+    import oracle as attribute_oracle
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out.png"
     assert sample.main(["--subject", "examples/red-dotted-ball.png", "--subject-text", "ball",
@@ -225,6 +225,6 @@ def test_the_quick_start_runs_on_the_shipped_toy_model(tmp_path, monkeypatch, ca
     assert "64x64" in capsys.readouterr().out
     picture = Image.open(out)
     assert picture.size == (64, 64)
-    oracle = toyworld.load_oracle(os.path.join(ROOT, "weights", "toy", "oracle.safetensors"))
+    oracle = attribute_oracle.load_oracle(os.path.join(ROOT, "weights", "toy", "oracle.safetensors"))
     context = oracle.config.heads["context"][int(oracle.predict([picture])["context"][0])]
     assert context == "in the snow"

@@ -1,5 +1,5 @@
 """The toy world (toyworld.py): a seed fixes every picture, held-out identities stay out of training,
-captions and masks say what was drawn, and the shipped oracle reads the pictures back."""
+captions and masks say what was drawn, and the shipped oracle (oracle.py) reads the pictures back."""
 
 import os
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import oracle as orc
 import toyworld as tw
 from matting import trimap_from_confidence
 
@@ -82,29 +83,29 @@ def test_confidence_is_close_to_the_mask_but_not_equal():
 
 
 def test_the_oracle_loads_strictly(tmp_path):
-    with pytest.raises(tw.CheckpointError, match="not found"):
-        tw.load_oracle(str(tmp_path / "none.safetensors"))
+    with pytest.raises(orc.CheckpointError, match="not found"):
+        orc.load_oracle(str(tmp_path / "none.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(tw.CheckpointError, match="junk.safetensors"):
-        tw.load_oracle(str(tmp_path / "junk.safetensors"))
-    oracle = tw.AttributeOracle()
+    with pytest.raises(orc.CheckpointError, match="junk.safetensors"):
+        orc.load_oracle(str(tmp_path / "junk.safetensors"))
+    oracle = orc.AttributeOracle()
     path = str(tmp_path / "o.safetensors")
-    tw.save_oracle(oracle, path)
-    assert torch.equal(tw.load_oracle(path).proj.weight, oracle.proj.weight)
+    orc.save_oracle(oracle, path)
+    assert torch.equal(orc.load_oracle(path).proj.weight, oracle.proj.weight)
 
 
 @pytest.mark.skipif(not os.path.isfile(ORACLE), reason="weights/toy/oracle.safetensors not trained yet")
 def test_the_shipped_oracle_reads_the_world():
     torch.set_num_threads(1)
-    oracle = tw.load_oracle(ORACLE)
+    oracle = orc.load_oracle(ORACLE)
     assert sum(p.numel() for p in oracle.parameters()) < 1_000_000
     rng = np.random.default_rng(2024)  # not the training seed: fresh pictures
     for split in ("train", "heldout"):
-        acc = tw.accuracy(oracle, rng, 200, split)
+        acc = orc.accuracy(oracle, rng, 200, split)
         assert all(v >= 0.98 for v in acc.values()), (split, acc)
     # Softened pictures (blurred, resampled, noisy: as soft as a generation) read as well, so a
     # faithful but soft generation is not scored as a miss.
-    acc = tw.accuracy(oracle, rng, 200, "heldout", soften=True)
+    acc = orc.accuracy(oracle, rng, 200, "heldout", soften=True)
     assert all(v >= 0.96 for v in acc.values()), acc
     x, y, samples = tw.batch(rng, 8)
     images = [s.image for s in samples]
@@ -116,18 +117,18 @@ def test_the_shipped_oracle_reads_the_world():
 
 def test_degrade_softens_but_keeps_the_picture():
     x, _, _ = tw.batch(np.random.default_rng(0), 16)
-    soft = tw.degrade(x, torch.Generator().manual_seed(0))
+    soft = orc.degrade(x, torch.Generator().manual_seed(0))
     assert soft.shape == x.shape and 0 <= float(soft.min()) and float(soft.max()) <= 1
-    assert torch.equal(soft, tw.degrade(x, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(soft, orc.degrade(x, torch.Generator().manual_seed(0)))  # seeded
     diff = (soft - x).abs().mean(dim=(1, 2, 3))
     assert float(diff.max()) > 0.005  # softened ...
     assert float((soft.mean(dim=(2, 3)) - x.mean(dim=(2, 3))).abs().max()) < 0.02  # ... but the colours stay
     # A blur keeps a flat picture flat and spreads a point over its neighbours, summing to one.
     flat = torch.full((1, 3, 9, 9), 0.3)
-    assert torch.allclose(tw.gaussian_blur(flat, 1.0), flat, atol=1e-6)
+    assert torch.allclose(orc.gaussian_blur(flat, 1.0), flat, atol=1e-6)
     point = torch.zeros(1, 3, 15, 15)
     point[..., 7, 7] = 1
-    blurred = tw.gaussian_blur(point, 1.0)
+    blurred = orc.gaussian_blur(point, 1.0)
     assert abs(float(blurred.sum()) - 3) < 1e-5 and float(blurred[0, 0, 7, 7]) < 0.2
 
 
