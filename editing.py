@@ -286,7 +286,7 @@ def latent_shape(model, height, width):
 
 @torch.no_grad()
 def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
-                   ctx_embeddings=None, steps=50, guidance=7.5, seed=0, height=512, width=512, scheduler="pndm",
+                   ctx_embeddings=None, steps=50, guidance=None, seed=0, height=512, width=512, scheduler="pndm",
                    negative_prompt="", threshold=THRESHOLD, cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE,
                    mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE, output="pil",
                    callback=None, progress=True):
@@ -296,7 +296,8 @@ def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subje
     The subject: `subject_images` with their category `subject_text` (default tgt_word), or
     `ctx_embeddings` (1, 16, D), or a fine-tuned model's own. LAVIS' default is 250 steps; ours 50, as its
     notebooks. scheduler="ddim" works here (LAVIS' use_ddim path indexes a 2-sample batch at 2 and
-    crashes); both branches are guided."""
+    crashes); both branches are guided. guidance: default the model's own, as generate()."""
+    guidance = model.guidance if guidance is None else guidance
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
     sampler = make_sampler(scheduler, steps, model.scheduler_config.get("steps_offset"))
     latents = initial_latents(1, latent_shape(model, height, width), seed).to(model.device, model.dtype)
@@ -324,7 +325,7 @@ def image_to_latent(model, image, height, width):
 
 @torch.no_grad()
 def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
-              ctx_embeddings=None, steps=50, inversion_steps=50, guidance=7.5, height=512, width=512,
+              ctx_embeddings=None, steps=50, inversion_steps=50, guidance=None, height=512, width=512,
               negative_prompt="", threshold=THRESHOLD, cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE,
               mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE, output="pil",
               callback=None, progress=True):
@@ -334,7 +335,8 @@ def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, sub
     VAE latent -> DDIM inversion under the source prompt, no guidance -> the edit, with DDIM (η = 0).
     The source branch uses its unguided ε, the exact reverse of the inversion, so it reconstructs the
     photo; the target is guided. Keep inversion_steps = steps: otherwise the inversion ends at another
-    noise level than the sampling starts from (LAVIS allows it too)."""
+    noise level than the sampling starts from (LAVIS allows it too). guidance: default the model's own."""
+    guidance = model.guidance if guidance is None else guidance
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
     latents = image_to_latent(model, image, height, width)
     # The whole source word; LAVIS builds this prompt with the word's first character ("a c sit on a

@@ -222,7 +222,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
-    args.guidance = model.guidance if args.guidance is None else args.guidance
     if args.edit_word:
         import editing
         common = dict(subject_images=subjects[0] if subjects else None, subject_text=args.subject_text[0] if subjects else None,
