@@ -59,7 +59,8 @@ def finetune(refs, category, args, tmp):
     for i, image in enumerate(refs):
         image.save(os.path.join(subject, f"{i}.png"))
     argv = ["--stage", "finetune", "--weights", args.weights, "--subject", subject, "--subject-text", category,
-            "--out", out, "--steps", str(args.finetune_steps), "--lr", str(args.finetune_lr), "--batch-size", "3",
+            "--out", out, "--steps", str(args.finetune_steps), "--lr", str(args.finetune_lr),
+            "--min-snr", str(args.finetune_min_snr), "--batch-size", "3",
             "--save-every", "1000000", "--log-every", "1000000", "--keep", "1"]
     with contextlib.redirect_stdout(io.StringIO()):  # its report, once per subject, would break the progress bar
         if train.main(argv) != 0:
@@ -122,7 +123,8 @@ def evaluate(args):
     kw = dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=side, width=side,
               progress=False)
     records = {m: [] for m in METHODS}
-    sheet = np.zeros((len(subjects) * len(METHODS) * side, (1 + len(contexts)) * side, 3), np.uint8)
+    drawn = len(subjects) if args.sheet_subjects <= 0 else min(args.sheet_subjects, len(subjects))
+    sheet = np.zeros((drawn * len(METHODS) * side, (1 + len(contexts)) * side, 3), np.uint8)
     for s, identity in enumerate(tqdm(subjects, desc="subjects")):
         refs = reference_images(identity, args.refs, np.random.default_rng([args.seed, s]))
         reference_features = oracle.features(refs).mean(0)
@@ -135,6 +137,8 @@ def evaluate(args):
             images = [models[method].generate(c, seed=args.seed + len(CONTEXTS) * s + k, **subject[method], **kw)[0]
                       for k, c in enumerate(contexts)]
             records[method] += score(oracle, images, identity, contexts, reference_features)
+            if s >= drawn:
+                continue
             y = (s * len(METHODS) + m) * side  # (subject, method) -> one row: first reference, then each context
             for col, image in enumerate([refs[0].resize((side, side), Image.BICUBIC)] + images):
                 sheet[y:y + side, col * side:(col + 1) * side] = np.asarray(image.convert("RGB"))
@@ -155,15 +159,17 @@ def evaluate(args):
         print(f"  {'PASS' if ok else 'FAIL'} {target}")
     if args.json:
         result = {"weights": args.weights, "subjects": len(subjects), "contexts": len(contexts), "rows": rows,
-                  "targets": met, "settings": {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "refs",
-                                                                             "finetune_steps", "finetune_lr", "seed")}}
+                  "targets": met, "settings": {k: getattr(args, k) for k in (
+                      "steps", "guidance", "scheduler", "refs", "finetune_steps", "finetune_lr", "finetune_min_snr",
+                      "seed")}}
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     image = Image.fromarray(sheet)
     if args.zoom > 1:
         image = image.resize((image.width * args.zoom, image.height * args.zoom), Image.NEAREST)
     write_atomically(args.sheet, lambda tmp: image.save(tmp, format="PNG"))
     print(f"evaluated {len(subjects)} subjects x {len(contexts)} contexts x {len(METHODS)} methods: sheet "
-          f"(per subject: {', '.join(METHODS)}; first reference, then each context) in {args.sheet}"
+          f"(the first {drawn} subjects, per subject: {', '.join(METHODS)}; first reference, then each context) "
+          f"in {args.sheet}"
           + (f", numbers in {args.json}" if args.json else ""))
 
 

@@ -497,7 +497,8 @@ def main():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="weights/toy", help="a BLIP-Diffusion folder in the published layout")
     p.add_argument("--oracle", default="weights/toy/oracle.safetensors", help="the attribute oracle (train-oracle's)")
-    p.add_argument("--subjects", type=int, default=8, help="held-out identities (the first of a seeded permutation)")
+    p.add_argument("--subjects", type=int, default=30,
+                   help="held-out identities (the first of a seeded permutation); 30, as DreamBench has")
     p.add_argument("--contexts", type=int, default=len(CONTEXTS), help="prompts: the first K contexts")
     p.add_argument("--refs", type=int, default=3, help="reference pictures per subject, each in another context")
     # Sampling as sample.py's defaults, so the table describes what a user gets.
@@ -506,11 +507,14 @@ def main():
                    help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
     p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm", help="pndm: the published scheduler")
     p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4,
+    p.add_argument("--finetune-lr", type=float, default=2e-4,
                    help="fine-tuning lr; the toy model is small (LAVIS' 5e-6 is for the published model)")
+    p.add_argument("--finetune-min-snr", type=float, default=5.0,
+                   help="fine-tuning's min-SNR-γ loss weights (train.py --min-snr), as stage 2 trained; 0: off, as LAVIS")
     p.add_argument("--seed", type=int, default=0, help="fixes the subjects, their references and every generation")
     p.add_argument("--sheet", default="toy_eval.png", help="PNG: per subject a row per method, reference then contexts")
     p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
+    p.add_argument("--sheet-subjects", type=int, default=0, help="subjects drawn on the sheet, the first K (0: all)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     p = sub.add_parser("probe", help="linear probes: category, colour, pattern read off the image tower and subject embeddings",

@@ -147,7 +147,7 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [
         "toyworld.py", "evaluate", "--weights", str(tmp_path / "model"), "--oracle", ORACLE, "--subjects", "2",
         "--contexts", "2", "--refs", "2", "--steps", "2", "--finetune-steps", "2", "--threads", "1",
-        "--sheet", str(sheet), "--json", str(out)])
+        "--sheet", str(sheet), "--sheet-subjects", "1", "--json", str(out)])
     tw.main()
     printed = capsys.readouterr().out
     assert "| method | subject fidelity | prompt fidelity | oracle-feature cosine |" in printed
@@ -157,11 +157,12 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
         assert row["generations"] == 2 * 2  # subjects x contexts
         assert all(0 <= row[k] <= 1 for k in ("subject_fidelity", "prompt_fidelity", "category", "color", "pattern"))
         assert -1 <= row["feature_cosine"] <= 1
-    # The layout: per subject one row per method; each row the first reference, then one picture per context.
+    # The layout: per drawn subject (the first --sheet-subjects) one row per method; each row the first
+    # reference, then one picture per context.
     side = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
     zoom = 2
     with Image.open(sheet) as im:
-        assert im.size == (zoom * side * (1 + 2), zoom * side * 3 * 2)
+        assert im.size == (zoom * side * (1 + 2), zoom * side * 3 * 1)
     assert not list(tmp_path.glob(".*"))  # the atomic writes left no temporary file behind
 
 
