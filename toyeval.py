@@ -5,7 +5,8 @@ DreamBooth). In the toy world (toyworld.py) the truth is known, so held-out subj
 every context three ways (the prompt's text only, zero-shot from reference pictures, after 40 steps
 of fine-tuning on them) and the attribute oracle reads each generation back: did it keep the
 subject's category, colour and pattern, does it show the prompted context, and how close are its
-oracle features to the references' (the stand-in for DINO). Linear probes say where a subject is
+oracle features to the references' (the stand-in for DINO); with 90% bootstrap intervals over the
+subjects, which differ far more than generations do. Linear probes say where a subject is
 lost before the UNet: in the frozen image tower, or in the subject embeddings.
 
     python toyworld.py evaluate --weights weights/toy --json toy_eval.json --sheet toy_eval.png
@@ -90,6 +91,20 @@ def summarize(records):
             **{a: float(column[a].mean()) for a in ("category", "color", "pattern")}, "generations": len(records)}
 
 
+def bootstrap(records, per_subject, draws=2000, seed=0):
+    """Subject fidelity's spread over subjects, which differ far more than generations do: the 5th and
+    95th percentiles of each method's mean, and of fine-tuned minus zero-shot, over the subjects
+    resampled with replacement (paired: one draw serves every method). records: {method: per
+    generation, per_subject consecutive ones a subject} -> {name: [low, high]}."""
+    whole = {m: np.array([r["category"] and r["color"] and r["pattern"] for r in records[m]], np.float64)
+             .reshape(-1, per_subject).mean(1) for m in METHODS}  # (subjects,)
+    n = len(whole[METHODS[0]])
+    pick = np.random.default_rng(seed).integers(0, n, (draws, n))
+    means = {m: whole[m][pick].mean(1) for m in METHODS}
+    means["fine-tuned - zero-shot"] = means["fine-tuned"] - means["zero-shot"]
+    return {name: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] for name, v in means.items()}
+
+
 def targets(rows):
     """The issue's targets for the toy model -> {target: met?}."""
     text, zero, tuned = (rows[m]["subject_fidelity"] for m in METHODS)
@@ -143,7 +158,7 @@ def evaluate(args):
             for col, image in enumerate([refs[0].resize((side, side), Image.BICUBIC)] + images):
                 sheet[y:y + side, col * side:(col + 1) * side] = np.asarray(image.convert("RGB"))
     rows = {m: summarize(records[m]) for m in METHODS}
-    met = targets(rows)
+    met, spread = targets(rows), bootstrap(records, len(contexts))
     n = len(subjects) * len(contexts)
     print(f"{args.weights}: {len(subjects)} held-out subjects x {len(contexts)} contexts = {n} generations per "
           f"method ({args.steps} {args.scheduler} steps, guidance {args.guidance}, {side} px)")
@@ -154,12 +169,17 @@ def evaluate(args):
     print("\n| method | category | colour | pattern |\n|---|---|---|---|")
     for m in METHODS:
         print(f"| {m} | {rows[m]['category']:.3f} | {rows[m]['color']:.3f} | {rows[m]['pattern']:.3f} |")
+    gain = rows["fine-tuned"]["subject_fidelity"] - rows["zero-shot"]["subject_fidelity"]
+    print("\nsubject fidelity, 90% intervals over the subjects (bootstrap): " + ", ".join(
+        f"{m} {lo:.3f}-{hi:.3f}" for m, (lo, hi) in list(spread.items())[:len(METHODS)])
+        + f"; fine-tuned - zero-shot {gain:+.3f} ({spread['fine-tuned - zero-shot'][0]:+.3f} to "
+        f"{spread['fine-tuned - zero-shot'][1]:+.3f})")
     print("\ntargets (the issue's, for weights/toy; a miss is reported, not an error):")
     for target, ok in met.items():
         print(f"  {'PASS' if ok else 'FAIL'} {target}")
     if args.json:
         result = {"weights": args.weights, "subjects": len(subjects), "contexts": len(contexts), "rows": rows,
-                  "targets": met, "settings": {k: getattr(args, k) for k in (
+                  "intervals_90": spread, "targets": met, "settings": {k: getattr(args, k) for k in (
                       "steps", "guidance", "scheduler", "refs", "finetune_steps", "finetune_lr", "finetune_min_snr",
                       "seed")}}
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))

@@ -153,6 +153,8 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
     assert "| method | subject fidelity | prompt fidelity | oracle-feature cosine |" in printed
     result = json.loads(out.read_text())
     assert set(result["rows"]) == {"text-only", "zero-shot", "fine-tuned"}
+    for m, (low, high) in result["intervals_90"].items():
+        assert low <= high and (m.endswith("zero-shot") or low <= result["rows"][m]["subject_fidelity"] <= high)
     for row in result["rows"].values():
         assert row["generations"] == 2 * 2  # subjects x contexts
         assert all(0 <= row[k] <= 1 for k in ("subject_fidelity", "prompt_fidelity", "category", "color", "pattern"))
@@ -164,6 +166,19 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
     with Image.open(sheet) as im:
         assert im.size == (zoom * side * (1 + 2), zoom * side * 3 * 1)
     assert not list(tmp_path.glob(".*"))  # the atomic writes left no temporary file behind
+
+
+def test_bootstrap_intervals_are_over_subjects():
+    import toyeval
+    def gens(per_subject_hits, contexts=4):  # subject k: its first hits[k] generations keep the whole subject
+        return [{"category": True, "color": i < h, "pattern": True} for h in per_subject_hits for i in range(contexts)]
+    same = toyeval.bootstrap({"text-only": gens([0, 0]), "zero-shot": gens([2, 2]), "fine-tuned": gens([4, 4])}, 4)
+    assert same["zero-shot"] == [0.5, 0.5] and same["fine-tuned - zero-shot"] == [0.5, 0.5]  # subjects alike: no spread
+    apart = toyeval.bootstrap({"text-only": gens([0] * 20), "zero-shot": gens([0, 4] * 10),
+                               "fine-tuned": gens([0, 4] * 10)}, 4)
+    low, high = apart["zero-shot"]
+    assert 0.25 < low < 0.5 < high < 0.75  # half the subjects kept, half lost: 20 subjects leave a wide interval
+    assert apart["fine-tuned - zero-shot"] == [0.0, 0.0]  # paired: the same subjects drawn for both methods
 
 
 def test_evaluate_says_what_is_missing(tmp_path, monkeypatch):
