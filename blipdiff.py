@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from checkpoint import (WEIGHTS_HELP, CheckpointError, find_weights, read_json, write_folder_atomically, write_json,
                         write_part)
-from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, MAX_LENGTH, CLIPTextModel, CLIPTokenizer
+from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, CLIPTextModel, CLIPTokenizer
 from controlnet import control_pixels
 from qformer import QFormer, QFormerTokenizer
 from unet import UNet
@@ -352,6 +352,12 @@ class BlipDiffusion(nn.Module):
         return self.unet.conv_in.weight.device
 
     @property
+    def context_length(self):
+        """Text positions the text encoder reads: CLIP's 77 for the published model (diffusers reads it
+        from the text encoder's config too); a model may be built with fewer."""
+        return self.text_encoder.config.max_position_embeddings
+
+    @property
     def dtype(self):
         return self.unet.conv_in.weight.dtype
 
@@ -390,10 +396,10 @@ class BlipDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts, ctx_embeddings=None):
-        """Prompts -> CLIP text states (B, 77, 768). With subject embeddings the prompt takes
-        77 - 16 tokens and the embeddings are inserted at position 2; without, plain CLIP over 77.
-        Longer prompts are truncated (diffusers crashes on a negative prompt over 77 tokens)."""
-        length = MAX_LENGTH - (0 if ctx_embeddings is None else ctx_embeddings.shape[1])
+        """Prompts -> CLIP text states (B, 77, 768), 77 the context length. With subject embeddings
+        the prompt takes 77 - 16 tokens and the embeddings are inserted at position 2; without, plain
+        CLIP over 77. Longer prompts are truncated (diffusers crashes on a negative prompt over 77 tokens)."""
+        length = self.context_length - (0 if ctx_embeddings is None else ctx_embeddings.shape[1])
         ids = self.tokenizer(texts, max_length=length).to(self.device)
         return self.text_encoder(ids, ctx_embeddings=ctx_embeddings)
 
@@ -436,11 +442,11 @@ class BlipDiffusion(nn.Module):
                                                               center_crop)
         target_text = target_text or (subject_text[0] if isinstance(subject_text, list) else subject_text)
         ctx = None if text_only else ctx_embeddings.to(self.device, self.dtype).expand(num_images, -1, -1)
-        self.warn_if_truncated(f"a {target_text} {prompt.strip()}", MAX_LENGTH - (0 if text_only else ctx.shape[1]),
-                               "prompt")
+        self.warn_if_truncated(f"a {target_text} {prompt.strip()}",
+                               self.context_length - (0 if text_only else ctx.shape[1]), "prompt")
         text = self.encode_text([build_prompt(prompt, target_text, prompt_strength, prompt_reps)] * num_images, ctx)
         if guidance > 1.0:
-            self.warn_if_truncated(negative_prompt, MAX_LENGTH, "negative prompt")
+            self.warn_if_truncated(negative_prompt, self.context_length, "negative prompt")
             text = torch.cat([self.encode_text([negative_prompt] * num_images), text])  # [uncond, cond]
 
         factor = self.vae.downsampling

@@ -76,8 +76,8 @@ def align_tokens(src, tgt):
     return mapper, alpha
 
 
-def token_alignment(tokenizer, src_text, tgt_text, num_ctx=NUM_QUERY_TOKENS):
-    """(mapper, alpha), each of length 77, over the sequences the text encoder really reads:
+def token_alignment(tokenizer, src_text, tgt_text, num_ctx=NUM_QUERY_TOKENS, length=MAX_LENGTH):
+    """(mapper, alpha), each of the text encoder's length (77), over the sequences it really reads:
     source [BOS, src ids (<= 75), EOS, pad...], target [BOS, a, subject x num_ctx, rest of the tgt ids
     (<= 59 in all), EOS, pad...]. A target token shared with the source therefore reads the source
     position 16 before it (for an unchanged word after the subject).
@@ -85,22 +85,23 @@ def token_alignment(tokenizer, src_text, tgt_text, num_ctx=NUM_QUERY_TOKENS):
     LAVIS differs (a bug): it aligns the strings "a {src} ..." and "a sks x16 {tgt} ...", tokenized to
     77 and 61 ids, while the encoder reads the 16 subject embeddings at 2..17 instead of nothing, so
     every aligned map after position 17 is read 16 positions off. We align the real sequences."""
-    src = [tokenizer.bos_id] + tokenizer.encode(src_text)[:MAX_LENGTH - 2] + [tokenizer.eos_id]
-    tgt = [tokenizer.bos_id] + tokenizer.encode(tgt_text)[:MAX_LENGTH - num_ctx - 2] + [tokenizer.eos_id]
+    src = [tokenizer.bos_id] + tokenizer.encode(src_text)[:length - 2] + [tokenizer.eos_id]
+    tgt = [tokenizer.bos_id] + tokenizer.encode(tgt_text)[:length - num_ctx - 2] + [tokenizer.eos_id]
     tgt = tgt[:CTX_BEGIN_POS] + [SUBJECT_TOKEN] * num_ctx + tgt[CTX_BEGIN_POS:]
     mapper, alpha = align_tokens(src, tgt)
     # Padding: the k-th pad of the target reads the k-th pad of the source (prompt-to-prompt maps
     # the pads one to one too, with alpha 1).
-    pads = MAX_LENGTH - len(tgt)
-    mapper += [min(len(src) + k, MAX_LENGTH - 1) for k in range(pads)]
+    pads = length - len(tgt)
+    mapper += [min(len(src) + k, length - 1) for k in range(pads)]
     alpha += [1.0] * pads
     return torch.tensor(mapper), torch.tensor(alpha)
 
 
-def word_positions(tokenizer, before, word):
-    """Positions of `word`'s tokens in the sequence "{before} {word} ..." ([BOS] comes first)."""
+def word_positions(tokenizer, before, word, length=MAX_LENGTH):
+    """Positions of `word`'s tokens in the sequence "{before} {word} ..." ([BOS] comes first), of
+    a text encoder reading `length` positions."""
     start = 1 + len(tokenizer.encode(before))
-    return [p for p in range(start, start + len(tokenizer.encode(word))) if p < MAX_LENGTH - 1]
+    return [p for p in range(start, start + len(tokenizer.encode(word))) if p < length - 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sam
     ctx = ctx_embeddings.to(model.device, model.dtype)
     cond = torch.cat([model.encode_text([src_text]), model.encode_text([tgt_text], ctx)])
     uncond = model.encode_text([negative_prompt] * 2)
-    mapper, alpha = (x.to(model.device) for x in token_alignment(tok, src_text, tgt_text, ctx.shape[1]))
+    alignment = token_alignment(tok, src_text, tgt_text, ctx.shape[1], model.context_length)
+    mapper, alpha = (x.to(model.device) for x in alignment)
     mask_downsample = mask_downsample or coarsest_cross_attention_level(model.unet)
     self_downsample = self_downsample or coarsest_cross_attention_level(model.unet)
     map_size = level_size(height, width, mask_downsample)
@@ -244,7 +246,7 @@ def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sam
                              int(self_replace * steps), self_size[0] * self_size[1])
     # The mask reads the source word's tokens in the source prompt only. Prompt-to-prompt would OR in
     # the target word's region; LAVIS passes only the source word, so its target mask is empty. As LAVIS.
-    positions = word_positions(tok, "a", src_word)
+    positions = word_positions(tok, "a", src_word, model.context_length)
 
     def local_blend(i, x):
         if store.maps is None:

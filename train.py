@@ -56,7 +56,7 @@ import toyworld
 from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, build_prompt,
                       image_files, preprocess_subject, q_sample)
 from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_part
-from clip import MAX_LENGTH, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer
+from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, AutoencoderKLConfig
@@ -645,8 +645,8 @@ def train(args):
             frozen += [model.text_encoder, model.qformer]
             trainable = FinetuneStage(model, ctx).to(device)
             tok = model.tokenizer
-            extra["caption_ids"] = torch.tensor([[tok.bos_id] + tok.encode(f"a {args.subject_text}") + [tok.eos_id]],
-                                                device=device)
+            words = tok.encode(f"a {args.subject_text}")[:model.context_length - ctx.shape[1] - 2]  # LAVIS truncates too
+            extra["caption_ids"] = torch.tensor([[tok.bos_id] + words + [tok.eos_id]], device=device)
         else:
             trainable = SubjectStage(model)
         model.unet.gradient_checkpointing = args.grad_checkpoint
@@ -820,11 +820,11 @@ class Batches:
         # the subject embeddings after its "a". Dropped: the same text alone, or with --caption-drop
         # the empty prompt that guidance contrasts with.
         prompts = [build_prompt(rec["caption"], rec["subject"]) for rec, _ in items]
-        ids_ctx = model.tokenizer(prompts, max_length=MAX_LENGTH - model.qformer.config.num_query_tokens)
+        ids_ctx = model.tokenizer(prompts, max_length=model.context_length - model.qformer.config.num_query_tokens)
         u = [float(torch.rand(1, generator=g)) for g in gens]
         drop = torch.tensor([x < SUBJECT_DROP + self.extra["caption_drop"] for x in u])
         plain = [p if x < SUBJECT_DROP else "" for p, x in zip(prompts, u)]
-        ids_plain = model.tokenizer(plain, max_length=MAX_LENGTH)
+        ids_plain = model.tokenizer(plain, max_length=model.context_length)
         return (image_embeds, qf_ids.to(self.device), qf_mask.to(self.device), ids_ctx.to(self.device),
                 ids_plain.to(self.device), drop.to(self.device), noisy, t, noise, self.weight(t))
 
@@ -836,7 +836,8 @@ class Batches:
         if self.stage == "clip":
             vision = self.trainable.vision.config
             pixels = preprocess_subject([pics[0] for _, pics in items], (vision.image_size,) * 2)
-            ids = self.extra["tokenizer"]([rec["caption"] for rec, _ in items], max_length=MAX_LENGTH)
+            ids = self.extra["tokenizer"]([rec["caption"] for rec, _ in items],
+                                          max_length=self.trainable.text.config.max_position_embeddings)
             # The mask is causal, so what the EOS position sees ends there: the padding after the
             # longest caption changes nothing and is cut (a 77-token batch costs ~7x more).
             ids = ids[:, :int((ids == self.trainable.eos_id).int().argmax(dim=1).max()) + 1]
@@ -854,7 +855,7 @@ class Batches:
         noise, t = noise_and_timesteps(latents, gens)
         captions = ["" if float(torch.rand(1, generator=g)) < self.extra["caption_drop"] else rec["caption"]
                     for g, (rec, _) in zip(gens, items)]
-        ids = self.extra["tokenizer"](captions, max_length=MAX_LENGTH)
+        ids = self.extra["tokenizer"](captions, max_length=self.trainable.text_encoder[0].config.max_position_embeddings)
         return ids.to(self.device), q_sample(latents, noise, t, self.alphas), t, noise, self.weight(t)
 
     def weight(self, t):

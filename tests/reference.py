@@ -125,13 +125,14 @@ def assert_close(ours, ref, rel=1e-4):
     assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} x output scale {scale:.3g}"
 
 
-def tiny_reference_pipeline(folder, seed=0):
+def tiny_reference_pipeline(folder, seed=0, context=77):
     """A tiny random BLIP-Diffusion built by the reference (diffusers 0.33.1 + transformers 4.51.3),
     every tensor perturbed, saved in the published `Salesforce/blipdiffusion` layout under `folder`
     (with the Q-Former's vocab.txt at bert_tokenizer/, where weights/README.md puts it).
 
-    Shapes keep what the method relies on (16 query tokens, 77 text positions, a text width equal
-    to the Q-Former's) and shrink the rest. Returns the reference pipeline, in eval mode."""
+    Shapes keep what the method relies on (16 query tokens, 77 text positions unless `context` says
+    fewer, a text width equal to the Q-Former's) and shrink the rest. Returns the reference pipeline,
+    in eval mode."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from diffusers.pipelines.blip_diffusion import BlipDiffusionPipeline
     from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
@@ -149,7 +150,7 @@ def tiny_reference_pipeline(folder, seed=0):
     width = 32
     text_encoder = ContextCLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=width))
+        num_attention_heads=4, max_position_embeddings=context, hidden_act="quick_gelu", projection_dim=width))
     blip = Blip2Config(
         vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                            image_size=28, patch_size=14, hidden_act="quick_gelu"),

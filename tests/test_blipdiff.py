@@ -40,6 +40,20 @@ def test_generate_equals_reference_pndm(models, guidance, negative):
     assert np.abs(out - ref).max() <= 1e-4
 
 
+def test_a_shorter_text_context_equals_reference(tmp_path):
+    """A model whose text encoder reads 40 positions, not CLIP's 77 (as a small model may be built):
+    the prompt takes 40 - 16 tokens, the negative prompt 40, as diffusers reads them off the config."""
+    from reference import tiny_reference_pipeline
+    pipe = tiny_reference_pipeline(str(tmp_path), seed=3, context=40)
+    ours = BlipDiffusion.from_pretrained(str(tmp_path))
+    assert ours.context_length == 40
+    prompt = "swimming underwater in a deep blue sea"  # repeated 20 times: truncated at 24 tokens
+    ref = reference(pipe, image(4), 2, prompt=[prompt], neg_prompt="blurry, lowres")
+    out = ours.generate(prompt, [image(4)], "dog", negative_prompt="blurry, lowres", steps=3, seed=2,
+                        output="np", progress=False, **SIZE)
+    assert np.abs(out - ref).max() <= 1e-4
+
+
 def test_generate_equals_reference_ddim(models):
     pipe, ours = models
     saved = pipe.scheduler

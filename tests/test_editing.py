@@ -118,6 +118,21 @@ def test_token_alignment_follows_the_real_sequence(model):
     assert alpha[len(tgt) - prompt_tokens:len(tgt)].eq(1).all()
 
 
+def test_token_alignment_in_a_shorter_text_context(model):
+    """A text encoder of 24 positions: both sequences are cut to fit it, and every mapped position
+    is one the encoder has."""
+    tok = model.tokenizer
+    long_text = "a dog " + "sitting on the sofa " * 10
+    mapper, alpha = token_alignment(tok, long_text, long_text, length=24)
+    assert mapper.shape == alpha.shape == (24,) and int(mapper.max()) <= 23
+    src = [tok.bos_id] + tok.encode(long_text)[:22] + [tok.eos_id]  # cut to 24
+    tgt = [tok.bos_id] + tok.encode(long_text)[:6] + [tok.eos_id]  # cut to 24 - 16 subject embeddings
+    tgt = tgt[:2] + [None] * 16 + tgt[2:]
+    assert len(src) == len(tgt) == 24 and alpha[18:].eq(1).all()
+    assert all(src[mapper[j]] == tgt[j] for j in range(18, 24))  # every later token reads an equal one
+    assert word_positions(tok, "a " + "sitting " * 30, "dog", length=24) == []  # past the context: no position
+
+
 def test_edit_mask_from_the_source_word():
     maps = torch.full((8 * 8, 77), 0.01)
     grid = maps.view(8, 8, 77)
