@@ -4,6 +4,7 @@ that loads and generates at its own size."""
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -67,6 +68,47 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
     mtime = os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors")
     toymodel.main(["--out", str(out), "--install", "", "--data-size", "8", "--steps", "2", "--batch-size", "4"])
     assert os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors") == mtime
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_the_last_lane_of_a_phase_takes_the_idle_cores(tmp_path):
+    # Two lanes on four cores: each stage starts on two; when the short lane ends, the long lane's
+    # running stage is signalled and its next stage starts on all four.
+    ready, signalled, threads = tmp_path / "ready", tmp_path / "signalled", tmp_path / "threads"
+    long_stage = (f"import os, signal, time\n"
+                  f"open({str(threads)!r}, 'a').write(os.environ['OMP_NUM_THREADS'] + ' ')\n"
+                  f"signal.signal(signal.SIGUSR1, lambda *_: open({str(signalled)!r}, 'w').close())\n"
+                  f"open({str(ready)!r}, 'w').close()\n"
+                  f"for _ in range(600):\n"
+                  f"    if os.path.exists({str(signalled)!r}): break\n"
+                  f"    time.sleep(0.05)\n")
+    short_stage = f"import os, time\nwhile not os.path.exists({str(ready)!r}): time.sleep(0.05)\n"
+    record = f"import os\nopen({str(threads)!r}, 'a').write(os.environ['OMP_NUM_THREADS'])\n"
+    times = {}
+    phase = toymodel.Phase([[("short", None, ["-c", short_stage])],
+                            [("long", None, ["-c", long_stage]), ("next", None, ["-c", record])]],
+                           str(tmp_path), 4, times)
+    assert phase.run() == []
+    assert signalled.exists() and threads.read_text() == "2 4"
+    assert set(times) == {"short", "long", "next"}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1") or (os.cpu_count() or 1) < 2, reason="POSIX, two cores")
+def test_train_takes_every_core_when_signalled():
+    import train
+    before, handler = torch.get_num_threads(), signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        with train.every_core_on_sigusr1():
+            torch.set_num_threads(1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(100):  # the handler runs at the interpreter's next check
+                if torch.get_num_threads() != 1:
+                    break
+            assert torch.get_num_threads() == os.cpu_count()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # as it was, for the run's end
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("stage", ["vae", "clip", "t2i"])
