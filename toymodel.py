@@ -269,13 +269,17 @@ def main(argv=None):
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])
     cores = os.cpu_count() or 1
     times, start = {}, time.time()
-    if hasattr(signal, "SIGUSR1"):  # ignored here, so in every stage until train.py listens for it
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    for phase in curriculum(args.out, args.data_size, override):
-        failed = Phase(phase, args.out, cores, times).run()
-        if failed:
-            sys.exit(f"error: the {', '.join(failed)} stage failed (its message is above); "
-                     f"fix it and rerun to resume")
+    # SIGUSR1 ignored here, so in every stage until train.py listens for it; as before when done.
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if hasattr(signal, "SIGUSR1") else None
+    try:
+        for phase in curriculum(args.out, args.data_size, override):
+            failed = Phase(phase, args.out, cores, times).run()
+            if failed:
+                sys.exit(f"error: the {', '.join(failed)} stage failed (its message is above); "
+                         f"fix it and rerun to resume")
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGUSR1, before)
     total = round(time.time() - start, 1)
     with open(os.path.join(args.out, "times.json"), "w") as f:
         json.dump({"stages_s": times, "total_s": total, "cores": cores}, f, indent=1)
