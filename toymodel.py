@@ -30,6 +30,9 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
 
 from clip import CLIP_PATTERN, CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
@@ -193,12 +196,33 @@ def gather_base(out):
     write_folder_atomically(os.path.join(out, "base"), write, merge=True)
 
 
+@contextmanager
+def sigusr1(handler):
+    """Inside: `handler` for SIGUSR1 (no-op where there is none, Windows); the one before after."""
+    if not hasattr(signal, "SIGUSR1"):
+        yield
+        return
+    before = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def every_core_on_sigusr1():
+    """train.py's run inside: SIGUSR1 means compute on every core from now on (Phase sends it when
+    the stage beside has ended). Phase starts the stage with SIGUSR1 ignored and that comes back on
+    the way out, so a signal as the run ends is ignored too (the interpreter's exit would reset the
+    handler to the default, which ends the process)."""
+    return sigusr1(lambda *_: torch.set_num_threads(os.cpu_count() or 1))
+
+
 class Phase:
     """The lanes of one phase side by side, each its own processes, the cores shared among the lanes
     still running. A lane that ends leaves its cores idle, as the two lanes seldom take equally long
     (measured: the CLIP pair 18 min beside the VAE and pairs' 13; the UNet 19 beside stage 1's 7), so
     when one lane is left, its running stage is told with SIGUSR1 to take every core (train.py
-    listens; a toy UNet step of 32: 0.50 s on one core, 0.34 s on two), and its next stages start on all."""
+    listens, every_core_on_sigusr1; a toy UNet step of 32: 0.50 s on one core, 0.34 s on two), and its next stages start on all."""
 
     def __init__(self, lanes, out, cores, times):
         self.lanes, self.out, self.cores, self.times = lanes, out, cores, times
@@ -206,7 +230,7 @@ class Phase:
 
     def run(self):
         """-> the names of the stages that failed (one at most per lane)."""
-        with ThreadPoolExecutor(len(self.lanes)) as pool:
+        with sigusr1(signal.SIG_IGN), ThreadPoolExecutor(len(self.lanes)) as pool:  # stages inherit it
             return [f for f in pool.map(self.run_lane, range(len(self.lanes))) if f]
 
     def run_lane(self, i):
@@ -269,17 +293,11 @@ def main(argv=None):
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])
     cores = os.cpu_count() or 1
     times, start = {}, time.time()
-    # SIGUSR1 ignored here, so in every stage until train.py listens for it; as before when done.
-    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if hasattr(signal, "SIGUSR1") else None
-    try:
-        for phase in curriculum(args.out, args.data_size, override):
-            failed = Phase(phase, args.out, cores, times).run()
-            if failed:
-                sys.exit(f"error: the {', '.join(failed)} stage failed (its message is above); "
-                         f"fix it and rerun to resume")
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGUSR1, before)
+    for phase in curriculum(args.out, args.data_size, override):
+        failed = Phase(phase, args.out, cores, times).run()
+        if failed:
+            sys.exit(f"error: the {', '.join(failed)} stage failed (its message is above); "
+                     f"fix it and rerun to resume")
     total = round(time.time() - start, 1)
     with open(os.path.join(args.out, "times.json"), "w") as f:
         json.dump({"stages_s": times, "total_s": total, "cores": cores}, f, indent=1)

@@ -37,10 +37,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -542,27 +541,11 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     args = p.parse_args(argv)
     try:
-        with every_core_on_sigusr1():
+        with toymodel.every_core_on_sigusr1():
             return train(args)
     except (TrainError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-
-@contextmanager
-def every_core_on_sigusr1():
-    """Inside: SIGUSR1 means compute on every core from now on. toymodel.py sends it when the stage
-    run beside this one has ended and left its cores idle. It starts this one with SIGUSR1 ignored,
-    and that is restored on the way out, so a signal that comes as the run ends is ignored too (the
-    interpreter's own exit would reset the handler to the default, which ends the process)."""
-    if not hasattr(signal, "SIGUSR1"):  # Windows
-        yield
-        return
-    before = signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGUSR1, before)
 
 
 # Defaults per stage: (steps, global batch, lr, weight decay, warm-up). Stage 1 as BLIP-2 (250k steps,

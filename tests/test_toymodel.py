@@ -97,11 +97,10 @@ def test_the_last_lane_of_a_phase_takes_the_idle_cores(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1") or (os.cpu_count() or 1) < 2, reason="POSIX, two cores")
-def test_train_takes_every_core_when_signalled():
-    import train
+def test_a_stage_takes_every_core_when_signalled():
     before, handler = torch.get_num_threads(), signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        with train.every_core_on_sigusr1():
+        with toymodel.every_core_on_sigusr1():
             torch.set_num_threads(1)
             os.kill(os.getpid(), signal.SIGUSR1)
             for _ in range(100):  # the handler runs at the interpreter's next check
