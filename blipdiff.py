@@ -142,6 +142,22 @@ def q_sample(x0, eps, t, alphas):
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
+def epsilon_loss(pred, noise, weight=None):
+    """The diffusion loss: mean squared error of the predicted noise, each sample scaled by `weight`
+    (B,) when given (--min-snr)."""
+    err = (pred.float() - noise.float()).pow(2)
+    return err.mean() if weight is None else (err.flatten(1).mean(1) * weight).mean()
+
+
+def min_snr_weight(t, alphas, gamma):
+    """Min-SNR-γ (Hang et al. 2023) for ε-prediction: min(SNR(t), γ) / SNR(t), SNR = ᾱ / (1 - ᾱ).
+    The nearly clean timesteps, whose noise is hardest to predict and least decides the picture, are
+    turned down; from SNR ≤ γ on the weight is 1."""
+    a = alphas[t].float()
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
 def make_sampler(name, num_steps, pndm_steps_offset=None):
     """`pndm`: BLIP-Diffusion's published scheduler, its steps_offset read from the config (0);
     `ddim`: Stable Diffusion v1.5's DDIM settings (steps_offset 1) whatever that config says."""

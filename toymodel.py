@@ -1,4 +1,5 @@
-"""The toy BLIP-Diffusion: the published architecture at sizes a laptop CPU trains, its tokenizers
+"""The toy BLIP-Diffusion: the published architecture at sizes a laptop CPU trains, the training
+objectives of its stage 0 (VAE, CLIP pair, text-to-image UNet), its tokenizers
 learnt from the toy world's captions, and the curriculum that trains weights/toy/ from nothing.
 
 Every module is the project's own (clip.py, qformer.py, unet.py, vae.py) with small widths; only the
@@ -21,7 +22,9 @@ Each stage prints the exact command it runs, so any one can be rerun or changed 
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,7 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from blipdiff import epsilon_loss
 from clip import CLIP_PATTERN, CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
 from unet import UNetConfig
@@ -90,6 +96,74 @@ def unet_config():
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                       attention_head_dim=4, cross_attention_dim=WIDTH, norm_num_groups=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0's training objectives (train.py --stage vae / clip / t2i): what the paper takes from SD and CLIP
+# ---------------------------------------------------------------------------------------------
+
+KL_WEIGHT = 1e-6
+
+
+class VAEStage(nn.Module):
+    """Stage 0, the autoencoder: per-pixel L1 reconstruction of z = mean + std·n, plus KL_WEIGHT times
+    the KL divergence to N(0, I) (per pixel, LDM's balance; its perceptual and GAN losses are left out:
+    the toy world's flat colours need neither)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images, noise):
+        post = self.vae.encode(images)
+        recon = self.vae.decode(post.mean + post.std * noise)
+        kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        return (recon.float() - images.float()).abs().mean() + KL_WEIGHT * kl / images[0].numel()
+
+
+class CLIPStage(nn.Module):
+    """Stage 0, a CLIP pair (Radford et al. 2021): image and text embeddings, each projected and
+    L2-normalised, matched by a symmetric cross-entropy over the batch at a learnt temperature. The
+    image embedding is the class token of the tower BLIP-2 freezes; the text one the EOS position."""
+
+    def __init__(self, vision, text, eos_id, embed_dim=WIDTH):
+        super().__init__()
+        self.vision, self.text, self.eos_id = vision, text, eos_id
+        self.visual_projection = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def forward(self, pixel_values, ids):
+        image = F.normalize(self.visual_projection(self.vision(pixel_values)[:, 0]), dim=-1)
+        eos = (ids == self.eos_id).int().argmax(dim=1)  # the first EOS (CLIP pads with EOS too)
+        text = self.text(ids)[torch.arange(len(ids), device=ids.device), eos]
+        text = F.normalize(self.text_projection(text), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B): image i vs caption j
+        labels = torch.arange(len(ids), device=ids.device)
+        return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
+
+
+class T2IStage(nn.Module):
+    """Stage 0, Stable Diffusion's text-to-image training: ε-prediction under the frozen text encoder."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = [text_encoder]  # in a list: frozen, so not a DDP-managed submodule
+
+    def forward(self, ids, noisy, t, noise, weight=None):
+        with torch.no_grad():
+            text = self.text_encoder[0](ids)
+        return epsilon_loss(self.unet(noisy, t, text), noise, weight)
+
+
+def vae_with_scale(vae, images):
+    """The VAE's config with LDM's scaling factor measured: 1 / std of the latents of `images`, so
+    the diffusion model sees latents of unit variance (SD-1.5's 0.18215 was found the same way)."""
+    post = vae.encode(images.to(next(vae.parameters()).device))
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)).to(post.mean)
+    return dataclasses.replace(vae.config, scaling_factor=round(1 / float(z.float().std()), 5))
+
 
 
 # ---------------------------------------------------------------------------------------------

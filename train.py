@@ -30,7 +30,6 @@ resumed run continues exactly.
 """
 
 import argparse
-import dataclasses
 import functools
 import glob
 import json
@@ -45,7 +44,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import toymodel
 import toyworld
 from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, build_prompt,
-                      image_files, preprocess_subject, q_sample)
+                      epsilon_loss, image_files, min_snr_weight, preprocess_subject, q_sample)
 from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_part
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert
@@ -68,9 +66,6 @@ MAX_CAPTION_TOKENS = 32
 # The stages that train what the paper takes from Stable Diffusion (toy model only).
 BASE_STAGES = ("vae", "clip", "t2i")
 # LDM's autoencoder: the KL term weighs 1e-6 against the per-pixel reconstruction loss.
-KL_WEIGHT = 1e-6
-
-
 class TrainError(Exception):
     """A user-facing problem (bad data path, mismatched resume, non-finite loss): one line, exit 1."""
 
@@ -302,22 +297,6 @@ class MultimodalStage(nn.Module):
         return self.pretraining(ids, mask, pixel_values=pixel_values, generator=generator)["loss"]
 
 
-def epsilon_loss(pred, noise, weight=None):
-    """The diffusion loss: mean squared error of the predicted noise, each sample scaled by `weight`
-    (B,) when given (--min-snr)."""
-    err = (pred.float() - noise.float()).pow(2)
-    return err.mean() if weight is None else (err.flatten(1).mean(1) * weight).mean()
-
-
-def min_snr_weight(t, alphas, gamma):
-    """Min-SNR-γ (Hang et al. 2023) for ε-prediction: min(SNR(t), γ) / SNR(t), SNR = ᾱ / (1 - ᾱ).
-    The nearly clean timesteps, whose noise is hardest to predict and least decides the picture, are
-    turned down; from SNR ≤ γ on the weight is 1."""
-    a = alphas[t].float()
-    snr = a / (1 - a)
-    return snr.clamp(max=gamma) / snr
-
-
 class SubjectStage(nn.Module):
     """Stage 2: ε-prediction loss of the UNet conditioned on the text with the subject inserted."""
 
@@ -349,58 +328,6 @@ class FinetuneStage(nn.Module):
         return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
 
-class VAEStage(nn.Module):
-    """Stage 0, the autoencoder: per-pixel L1 reconstruction of z = mean + std·n, plus KL_WEIGHT times
-    the KL divergence to N(0, I) (per pixel, LDM's balance; its perceptual and GAN losses are left out:
-    the toy world's flat colours need neither)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images, noise):
-        post = self.vae.encode(images)
-        recon = self.vae.decode(post.mean + post.std * noise)
-        kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
-        return (recon.float() - images.float()).abs().mean() + KL_WEIGHT * kl / images[0].numel()
-
-
-class CLIPStage(nn.Module):
-    """Stage 0, a CLIP pair (Radford et al. 2021): image and text embeddings, each projected and
-    L2-normalised, matched by a symmetric cross-entropy over the batch at a learnt temperature. The
-    image embedding is the class token of the tower BLIP-2 freezes; the text one the EOS position."""
-
-    def __init__(self, vision, text, eos_id, embed_dim=toymodel.WIDTH):
-        super().__init__()
-        self.vision, self.text, self.eos_id = vision, text, eos_id
-        self.visual_projection = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
-        self.text_projection = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-
-    def forward(self, pixel_values, ids):
-        image = F.normalize(self.visual_projection(self.vision(pixel_values)[:, 0]), dim=-1)
-        eos = (ids == self.eos_id).int().argmax(dim=1)  # the first EOS (CLIP pads with EOS too)
-        text = self.text(ids)[torch.arange(len(ids), device=ids.device), eos]
-        text = F.normalize(self.text_projection(text), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B): image i vs caption j
-        labels = torch.arange(len(ids), device=ids.device)
-        return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
-
-
-class T2IStage(nn.Module):
-    """Stage 0, Stable Diffusion's text-to-image training: ε-prediction under the frozen text encoder."""
-
-    def __init__(self, unet, text_encoder):
-        super().__init__()
-        self.unet = unet
-        self.text_encoder = [text_encoder]  # in a list: frozen, so not a DDP-managed submodule
-
-    def forward(self, ids, noisy, t, noise, weight=None):
-        with torch.no_grad():
-            text = self.text_encoder[0](ids)
-        return epsilon_loss(self.unet(noisy, t, text), noise, weight)
-
-
 def base_stage(args, records, extra):
     """The toy's stage 0 -> (trainable module, frozen modules, configs): a fresh VAE; tokenizers
     learnt from the captions, then a fresh CLIP pair; or a fresh UNet on --sd's VAE and text encoder."""
@@ -413,7 +340,7 @@ def base_stage(args, records, extra):
         extra["latent_shape"] = (vae.config.latent_channels,) + (extra["size"] // 2 // vae.downsampling,) * 2  # a half-side crop
         scale_set = [im for im in (load_image(rec["image"]) for rec in records[:256]) if im is not None]
         extra["scale_images"] = torch.stack([to_target(im, extra["size"]) for im in scale_set])
-        return VAEStage(vae), [], {"vae": asdict(vae.config)}
+        return toymodel.VAEStage(vae), [], {"vae": asdict(vae.config)}
     if args.stage == "clip":
         # The tokenizers come first and once: a resumed run finds them in --out and keeps them.
         captions = [rec["caption"] for rec in records]
@@ -425,7 +352,7 @@ def base_stage(args, records, extra):
         tokenizer = extra["tokenizer"] = CLIPTokenizer.from_folder(folder)
         text = CLIPTextModel(toymodel.text_config(tokenizer.tokenizer.get_vocab_size()))
         vision = VisionTransformer(toymodel.vision_config())
-        return CLIPStage(vision, text, tokenizer.eos_id), [], {"text": asdict(text.config), "vision": asdict(vision.config)}
+        return toymodel.CLIPStage(vision, text, tokenizer.eos_id), [], {"text": asdict(text.config), "vision": asdict(vision.config)}
     if not args.sd or not all(os.path.isdir(os.path.join(args.sd, d)) for d in ("vae", "text_encoder", "tokenizer")):
         raise TrainError("--stage t2i needs --sd DIR holding vae/, text_encoder/ and tokenizer/ "
                          "(the --out of --stage vae and --stage clip)")
@@ -433,7 +360,7 @@ def base_stage(args, records, extra):
     text = CLIPTextModel.from_pretrained(os.path.join(args.sd, "text_encoder"))
     extra.update(vae=vae, tokenizer=CLIPTokenizer.from_folder(os.path.join(args.sd, "tokenizer")))
     unet = UNet(toymodel.unet_config())
-    return T2IStage(unet, text), [vae, text], {"unet": asdict(unet.config), "vae": asdict(vae.config)}
+    return toymodel.T2IStage(unet, text), [vae, text], {"unet": asdict(unet.config), "vae": asdict(vae.config)}
 
 
 def sample_latents(vae, mean, std, gens):
@@ -888,7 +815,7 @@ def export(stage, model, trainable, extra, args):
     if stage in BASE_STAGES:
         def write(tmp):
             if stage == "vae":
-                write_part(tmp, "vae", asdict(vae_with_scale(trainable.vae, extra["scale_images"])), trainable.vae,
+                write_part(tmp, "vae", asdict(toymodel.vae_with_scale(trainable.vae, extra["scale_images"])), trainable.vae,
                            "diffusion_pytorch_model.safetensors")
             elif stage == "clip":
                 write_part(tmp, "text_encoder", asdict(trainable.text.config), trainable.text, "model.safetensors")
@@ -918,14 +845,6 @@ def export(stage, model, trainable, extra, args):
 
 
 @torch.no_grad()
-def vae_with_scale(vae, images):
-    """The VAE's config with LDM's scaling factor measured: 1 / std of the latents of `images`, so
-    the diffusion model sees latents of unit variance (SD-1.5's 0.18215 was found the same way)."""
-    post = vae.encode(images.to(next(vae.parameters()).device))
-    z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)).to(post.mean)
-    return dataclasses.replace(vae.config, scaling_factor=round(1 / float(z.float().std()), 5))
-
-
 def write_sample(model, records, args, step, size):
     """A picture of what the model makes now, so a person can watch training work."""
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
