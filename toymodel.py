@@ -237,11 +237,7 @@ def curriculum(out, data_size, override=()):
     records = d("data", "records.jsonl")
     return [
         [[("data", records, ["toyworld.py", "data", "--n", str(data_size), "--out", d("data")])]],
-        # The pairs need only the data, so they follow the VAE; the two lanes take about as long.
-        [[("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", records)),
-          ("pairs", None,  # pairs.py resumes by itself: items already written are not redone
-           ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
-            "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2"])],
+        [[("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", records))],
          [("clip", d("clip", "text_encoder"), stage("clip", "--model", "toy", "--data", records, "--schedule", "cosine"))]],
         # The base folder is the toy's Stable Diffusion: stage 0's VAE, text encoder and tokenizer,
         # joined by the UNet that --stage t2i trains into it.
@@ -251,7 +247,12 @@ def curriculum(out, data_size, override=()):
          [("multimodal", d("multimodal", "qformer"),
            stage("multimodal", "--model", "toy", "--data", records, "--clip-vision", d("clip", "vision_model"),
                  "--bert", d("clip", "bert_tokenizer"), "--steps", "600", "--batch-size", "64", "--lr", "1e-3",
-                 "--warmup", "50", "--weight-decay", "0.05"))]],
+                 "--warmup", "50", "--weight-decay", "0.05")),
+          # The pairs need only the data; after stage 1 the lane takes about as long as the UNet's, and
+          # the CLIP pair gets both cores once the VAE is done.
+          ("pairs", None,  # pairs.py resumes by itself: items already written are not redone
+           ["pairs.py", "--data", d("data", "pairs.jsonl"), "--from-masks", "--backgrounds", d("data", "backgrounds"),
+            "--out", d("pairs"), "--size", str(IMAGE_SIZE), "--band", "2"])]],
         [[("subject", d("subject", "model_index.json"),
            stage("subject", "--data", d("pairs", "records.jsonl"), "--sd", d("base"), "--qformer", d("multimodal"),
                  "--steps", "3000", "--batch-size", "32", "--lr", "5e-4", "--warmup", "50", "--caption-drop", "0.05",
