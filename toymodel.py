@@ -295,7 +295,7 @@ def every_core_on_sigusr1():
 class Phase:
     """The lanes of one phase side by side, each its own processes, the cores shared among the lanes
     still running. A lane that ends leaves its cores idle, as the two lanes seldom take equally long
-    (measured: the CLIP pair 18 min beside the VAE and pairs' 13; the UNet 19 beside stage 1's 7), so
+    (measured: the CLIP pair 23 min beside the VAE's 17; the UNet 33 beside stage 1 and the pairs' 24), so
     when one lane is left, its running stage is told with SIGUSR1 to take every core (train.py
     listens, every_core_on_sigusr1; a toy UNet step of 32: 0.50 s on one core, 0.34 s on two), and its next stages start on all."""
 
