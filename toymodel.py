@@ -144,16 +144,15 @@ class CLIPStage(nn.Module):
 
 
 class T2IStage(nn.Module):
-    """Stage 0, Stable Diffusion's text-to-image training: ε-prediction under the frozen text encoder."""
+    """Stage 0, Stable Diffusion's text-to-image training: ε-prediction of the UNet under the frozen
+    text encoder, whose output for each caption the batches bring (train.py encodes it; with --cache
+    once per caption in the whole run)."""
 
-    def __init__(self, unet, text_encoder):
+    def __init__(self, unet):
         super().__init__()
         self.unet = unet
-        self.text_encoder = [text_encoder]  # in a list: frozen, so not a DDP-managed submodule
 
-    def forward(self, ids, noisy, t, noise, weight=None):
-        with torch.no_grad():
-            text = self.text_encoder[0](ids)
+    def forward(self, text, noisy, t, noise, weight=None):
         return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
 

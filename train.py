@@ -358,9 +358,9 @@ def base_stage(args, records, extra):
                          "(the --out of --stage vae and --stage clip)")
     vae = AutoencoderKL.from_pretrained(os.path.join(args.sd, "vae"))
     text = CLIPTextModel.from_pretrained(os.path.join(args.sd, "text_encoder"))
-    extra.update(vae=vae, tokenizer=CLIPTokenizer.from_folder(os.path.join(args.sd, "tokenizer")))
+    extra.update(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_folder(os.path.join(args.sd, "tokenizer")))
     unet = UNet(toymodel.unet_config())
-    return toymodel.T2IStage(unet, text), [vae, text], {"unet": asdict(unet.config), "vae": asdict(vae.config)}
+    return toymodel.T2IStage(unet), [vae, text], {"unet": asdict(unet.config), "vae": asdict(vae.config)}
 
 
 def sample_latents(vae, mean, std, gens):
@@ -458,7 +458,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the trainable module")
     p.add_argument("--cache", action="store_true",
                    help="t2i, subject, finetune: keep each picture's frozen-encoder outputs (VAE posterior, image "
-                        "tower) in memory, so later epochs skip those encoders (small datasets: the toy's)")
+                        "tower; t2i: each caption's text encoding too) in memory, so later epochs skip those "
+                        "encoders (small datasets: the toy's)")
     p.add_argument("--image-size", type=int, default=None, help="diffusion target size (default: the model's, 512 for SD-1.5)")
     p.add_argument("--seed", type=int, default=42, help="LAVIS' seed")
     p.add_argument("--log-every", type=int, default=1)
@@ -763,7 +764,8 @@ class Batches:
 
     def base(self, step, indices, keys, items):
         """The toy's stage 0: pictures (and noise) for the VAE, pictures and captions for the CLIP pair,
-        latents of the frozen VAE and captions (the empty one at --caption-drop) for the UNet."""
+        for the UNet the frozen VAE's latents and the frozen text encoder's output of the captions
+        (the empty one at --caption-drop)."""
         gens = [sample_generator(self.seed, step, i) for i in indices]
         if self.stage == "clip":
             vision = self.trainable.vision.config
@@ -787,8 +789,13 @@ class Batches:
         noise, t = noise_and_timesteps(latents, gens)
         captions = ["" if float(torch.rand(1, generator=g)) < self.extra["caption_drop"] else rec["caption"]
                     for g, (rec, _) in zip(gens, items)]
-        ids = self.extra["tokenizer"](captions, max_length=self.trainable.text_encoder[0].config.max_position_embeddings)
-        return ids.to(self.device), q_sample(latents, noise, t, self.alphas), t, noise, self.weight(t)
+        text = self.extra["text_encoder"]
+        def encode(rows):  # the frozen text encoder; with --cache a caption's output is kept, keyed by the caption
+            ids = self.extra["tokenizer"]([captions[i] for i in rows], max_length=text.config.max_position_embeddings)
+            return (text(ids.to(self.device)),)
+        with torch.no_grad(), self.autocast:
+            hidden, = self.frozen("text", captions, encode)
+        return hidden, q_sample(latents, noise, t, self.alphas), t, noise, self.weight(t)
 
     def weight(self, t):
         """Each sample's weight in the diffusion loss: min-SNR-γ with --min-snr, else None (plain mean)."""

@@ -72,6 +72,18 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
     toymodel.main(["--out", str(out), "--install", "", "--data-size", "8", "--steps", "2", "--batch-size", "4"])
     assert os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors") == mtime
 
+    # The text-to-image stage with --cache: from the third step every latent and caption encoding
+    # comes from memory (8 pictures, batches of 4), and the losses are those of encoding them anew.
+    import train
+    logged = {}
+    for cache in ([], ["--cache"]):
+        to = tmp_path / f"t2i{len(cache)}"
+        assert train.main(["--stage", "t2i", "--model", "toy", "--data", str(out / "data" / "records.jsonl"),
+                           "--sd", str(out / "base"), "--out", str(to), "--steps", "6", "--batch-size", "4",
+                           "--lr", "1e-3", *cache]) == 0
+        logged[len(cache)] = [json.loads(line)["loss"] for line in open(to / "log.jsonl")]
+    assert len(logged[0]) == 6 and np.allclose(logged[0], logged[1], rtol=1e-4, atol=0)
+
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
 def test_the_last_lane_of_a_phase_takes_the_idle_cores(tmp_path):
