@@ -2,7 +2,7 @@
 layout against channels-last, which train.py uses for them, interleaved in one run so both see the
 same machine. Prints the median step time of each round and the mean over the rounds.
 
-    python bench_train.py --threads 1 --rounds 3 --steps 12
+    python bench_train.py --threads 1 --rounds 5
 """
 import argparse
 import statistics
@@ -11,21 +11,26 @@ import time
 import torch
 
 import toymodel
-from toymodel import VAEStage
+from blipdiff import NUM_TRAIN_TIMESTEPS
 from unet import UNet
 from vae import AutoencoderKL
 
 
 def step_fn(name, batch):
-    """-> (model, loss of the model on fixed random inputs at the toy's sizes)."""
+    """-> (model, its training loss on fixed random inputs at the toy's sizes): train.py's objectives."""
     g = torch.Generator().manual_seed(0)
-    c, side = toymodel.LATENT_CHANNELS, toymodel.IMAGE_SIZE // 4
+    c = toymodel.LATENT_CHANNELS
     if name == "unet":
-        latents, text = torch.randn(batch, c, side, side, generator=g), torch.randn(batch, 77, toymodel.WIDTH, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        return UNet(toymodel.unet_config()), lambda m: (m(latents, t, text) - latents).pow(2).mean()
-    images, noise = torch.randn(batch, 3, 32, 32, generator=g), torch.randn(batch, c, 8, 8, generator=g)  # train.py's crops
-    return VAEStage(AutoencoderKL(toymodel.vae_config())), lambda m: m(images, noise)
+        side = toymodel.IMAGE_SIZE // 4
+        context = toymodel.text_config(vocab_size=700).max_position_embeddings  # 77, CLIP's (any vocabulary)
+        noisy, noise = torch.randn(2, batch, c, side, side, generator=g)
+        text, t = torch.randn(batch, context, toymodel.WIDTH, generator=g), torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
+        return toymodel.T2IStage(UNet(toymodel.unet_config())), lambda m: m(text, noisy, t, noise)
+    vae = AutoencoderKL(toymodel.vae_config())
+    crop = toymodel.IMAGE_SIZE // 2  # train.py's random crops of half the side
+    images = torch.randn(batch, 3, crop, crop, generator=g)
+    noise = torch.randn(batch, c, crop // vae.downsampling, crop // vae.downsampling, generator=g)
+    return toymodel.VAEStage(vae), lambda m: m(images, noise)
 
 
 def main():

@@ -582,8 +582,8 @@ def train(args):
         extra["size"] = args.image_size or model.resolution  # the size it was trained at (SD-1.5: 512)
         configs = {name: asdict(getattr(model, name).config) for name in ("qformer", "text_encoder", "unet", "vae")}
     if stage not in ("clip", "multimodal"):
-        # The convolutions of a UNet or VAE run faster on a CPU with channels last (a toy step of 32 on one
-        # core: UNet 0.67 -> 0.63 s, VAE 0.44 -> 0.37 s); it moves only the 4-D weights, the saves are contiguous.
+        # The convolutions of a UNet or VAE run faster on a CPU with channels last (bench_train.py); it
+        # moves only the 4-D weights, and the saves are contiguous.
         trainable.to(memory_format=torch.channels_last)
     trainable.train()
     for m in frozen:

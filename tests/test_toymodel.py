@@ -81,7 +81,8 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
         assert train.main(["--stage", "t2i", "--model", "toy", "--data", str(out / "data" / "records.jsonl"),
                            "--sd", str(out / "base"), "--out", str(to), "--steps", "6", "--batch-size", "4",
                            "--lr", "1e-3", *cache]) == 0
-        logged[len(cache)] = [json.loads(line)["loss"] for line in open(to / "log.jsonl")]
+        with open(to / "log.jsonl") as f:
+            logged[len(cache)] = [json.loads(line)["loss"] for line in f]
     assert len(logged[0]) == 6 and np.allclose(logged[0], logged[1], rtol=1e-4, atol=0)
 
 
