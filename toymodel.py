@@ -156,6 +156,7 @@ class T2IStage(nn.Module):
         return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
 
+@torch.no_grad()
 def vae_with_scale(vae, images):
     """The VAE's config with LDM's scaling factor measured: 1 / std of the latents of `images`, so
     the diffusion model sees latents of unit variance (SD-1.5's 0.18215 was found the same way)."""
