@@ -134,7 +134,8 @@ def pick_device(name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Render a subject in a new context (BLIP-Diffusion, zero-shot).")
-    p.add_argument("--weights", default="weights/toy",
+    toy = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy"))
+    p.add_argument("--weights", default=toy,
                    help="published-layout folder: the shipped toy model, or e.g. weights/blipdiffusion (weights/README.md)")
     p.add_argument("--subject", action="append", default=[], metavar="PATH",
                    help="an image or a folder of images of one subject; repeat for several subjects "

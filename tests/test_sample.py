@@ -228,3 +228,11 @@ def test_the_quick_start_runs_on_the_shipped_toy_model(tmp_path, monkeypatch, ca
     oracle = attribute_oracle.load_oracle(os.path.join(ROOT, "weights", "toy", "oracle.safetensors"))
     context = oracle.config.heads["context"][int(oracle.predict([picture])["context"][0])]
     assert context == "in the snow"
+
+
+def test_the_shipped_toy_model_is_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    """Without --weights, sample.py finds weights/toy beside itself, not in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(["--subject", os.path.join(ROOT, "examples", "red-dotted-ball.png"), "--subject-text", "ball",
+                        "--prompt", "at night", "--steps", "2", "--out", "out.png"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
