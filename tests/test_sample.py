@@ -230,7 +230,7 @@ def test_the_quick_start_runs_on_the_shipped_toy_model(tmp_path, monkeypatch, ca
     assert context == "in the snow"
 
 
-def test_the_shipped_toy_model_is_found_from_any_folder(tmp_path, monkeypatch, capsys):
+def test_the_shipped_toy_model_is_found_from_any_folder(tmp_path, monkeypatch):
     """Without --weights, sample.py finds weights/toy beside itself, not in the working folder."""
     monkeypatch.chdir(tmp_path)
     assert sample.main(["--subject", os.path.join(ROOT, "examples", "red-dotted-ball.png"), "--subject-text", "ball",
