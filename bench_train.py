@@ -11,7 +11,7 @@ import time
 import torch
 
 import toymodel
-from blipdiff import NUM_TRAIN_TIMESTEPS
+from diffusion import NUM_TRAIN_TIMESTEPS
 from unet import UNet
 from vae import AutoencoderKL
 

@@ -3,17 +3,19 @@
 The pieces: a BLIP-2 Q-Former reads the subject image and its category word (`qformer.py`, with the
 CLIP ViT in `clip.py`); its 16 query outputs, projected, become "subject prompt" embeddings inserted
 into the CLIP text encoder's input at position 2 (`clip.py`); Stable Diffusion v1.5's UNet (`unet.py`)
-denoises VAE latents (`vae.py`) under classifier-free guidance; the VAE decodes.
+denoises VAE latents (`vae.py`) under classifier-free guidance (`diffusion.py`); the VAE decodes.
 
-This file holds the diffusion schedule and the samplers, and ties the parts into one model.
-It must equal diffusers 0.33.1's `BlipDiffusionPipeline` given the same weights (see
-../shared/reference/blip-diffusion.md, sections 4 and 4.1).
+This file ties the parts into one model: loading and saving the published folder, the subject
+embeddings, the prompt, and generation. Given the same weights it must equal diffusers 0.33.1's
+`BlipDiffusionPipeline` (pipelines/blip_diffusion/pipeline_blip_diffusion.py) and, with a ControlNet,
+its `BlipDiffusionControlNetPipeline` (pipelines/controlnet/pipeline_controlnet_blip_diffusion.py).
 """
 
 import os
 import shutil
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,12 +23,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from checkpoint import (WEIGHTS_HELP, CheckpointError, find_weights, read_json, write_folder_atomically, write_json,
                         write_part)
 from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, CLIPTextModel, CLIPTokenizer
-from controlnet import control_pixels
+from controlnet import Control, control_pixels
+from data import center_crop as crop_to, to_rgb
+from diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, denoise, make_sampler
 from qformer import QFormer, QFormerTokenizer
 from unet import UNet
 from vae import AutoencoderKL
@@ -36,165 +39,41 @@ from vae import AutoencoderKL
 PROMPT_REPS = 20
 # The guidance scale generate() uses unless told: diffusers' default for the published model. A model
 # folder may name its own in model_index.json ("guidance", a key of ours; diffusers' pipeline takes
-# the scale per call), as the toy model does (toymodel.GUIDANCE).
+# the scale per call), as the toy model does (5).
 GUIDANCE = 7.5
 
-# Stable Diffusion v1.5's training schedule (its scheduler_config.json): "scaled_linear" betas,
-# 1000 steps. BLIP-Diffusion keeps it unchanged.
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.012
+
+@dataclass
+class Sampling:
+    """How an image is sampled; the defaults are diffusers' BlipDiffusionPipeline's."""
+    steps: int = 50  # denoising steps; PNDM takes steps + 1 UNet evaluations
+    guidance: Optional[float] = None  # classifier-free guidance scale; None: the model's own; <= 1: off
+    seed: int = 0  # image k of a batch starts from noise seeded seed + k
+    height: int = 512
+    width: int = 512
+    scheduler: str = "pndm"  # "pndm", the published scheduler, or "ddim", SD-1.5's
+    num_images: int = 1
+    negative_prompt: str = ""  # what guidance pushes away from
+    prompt_strength: float = 1.0  # with prompt_reps: the prompt is repeated int(strength x reps) times
+    prompt_reps: int = PROMPT_REPS
 
 
-def alphas_cumprod(beta_start=BETA_START, beta_end=BETA_END, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """ᾱ_t = Π_{s<=t} (1 - β_s), with √β linear from √β_start to √β_end ("scaled_linear").
-
-    Computed in float64 and stored in float32 (the reference computes in float32; the two agree
-    to about 1e-7, far inside the parity tolerance)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
-
-
-def leading_timesteps(num_steps, steps_offset, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """diffusers' "leading" spacing: 0, r, 2r, ... with r = T // N, shifted by steps_offset."""
-    ratio = num_train_timesteps // num_steps
-    return [i * ratio + steps_offset for i in range(num_steps)]
+def sampling_options(sampling=None, **overrides):
+    """A Sampling from `sampling` (or the defaults) with `overrides` (its field names) applied."""
+    unknown = set(overrides) - {f.name for f in fields(Sampling)}
+    if unknown:
+        raise TypeError(f"unknown sampling option(s) {', '.join(sorted(unknown))}; "
+                        f"the options are {', '.join(f.name for f in fields(Sampling))}")
+    return replace(sampling or Sampling(), **overrides)
 
 
-def ddim_step(x_t, eps, a_t, a_prev):
-    """DDIM with η = 0 (Song et al. 2021, eq. 12):
-    x̂₀ = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t,   x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev)·ε."""
-    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-
-
-def pndm_transfer(x_t, eps, a_t, a_prev):
-    """PNDM's transfer φ (Liu et al. 2022, eq. 9), the update every PLMS step ends with:
-    x_prev = √(ᾱ_prev/ᾱ_t)·x_t − (ᾱ_prev − ᾱ_t)·ε / (ᾱ_t·√(1−ᾱ_prev) + √(ᾱ_t(1−ᾱ_t)ᾱ_prev))."""
-    denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
-    return (a_prev / a_t) ** 0.5 * x_t - (a_prev - a_t) * eps / denom
-
-
-def plms_eps(ets):
-    """Linear multistep combination of the newest ε's (newest last), orders 1 to 4
-    (Adams–Bashforth coefficients, PNDM's "PLMS" with the Runge–Kutta warm-up skipped)."""
-    if len(ets) == 1:
-        return ets[-1]
-    if len(ets) == 2:
-        return (3 * ets[-1] - ets[-2]) / 2
-    if len(ets) == 3:
-        return (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
-    return (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
-
-
-class DDIM:
-    """Deterministic DDIM sampling (η = 0) with SD-1.5's settings: "leading" spacing,
-    steps_offset 1, no sample clipping, ᾱ_prev = ᾱ_0 past the end (set_alpha_to_one off)."""
-
-    def __init__(self, num_steps, steps_offset=1, alphas=None):
-        self.alphas = alphas_cumprod() if alphas is None else alphas
-        self.ratio = len(self.alphas) // num_steps
-        self.timesteps = leading_timesteps(num_steps, steps_offset, len(self.alphas))[::-1]
-
-    def alpha(self, t):
-        return self.alphas[t] if t >= 0 else self.alphas[0]
-
-    def step(self, eps, t, x):
-        return ddim_step(x, eps, self.alpha(t), self.alpha(t - self.ratio))
-
-
-class PNDM:
-    """PNDM in its PLMS form, as BLIP-Diffusion's published scheduler config sets it
-    (skip_prk_steps, set_alpha_to_one off, steps_offset from the config, 0 for BLIP-Diffusion).
-
-    N steps take N + 1 model evaluations: the first step is taken twice (Heun-like, averaging
-    the ε at both ends), so the timestep list repeats its second entry: [980, 960, 960, 940, ...]."""
-
-    def __init__(self, num_steps, steps_offset=0, alphas=None):
-        self.alphas = alphas_cumprod() if alphas is None else alphas
-        self.ratio = len(self.alphas) // num_steps
-        ts = leading_timesteps(num_steps, steps_offset, len(self.alphas))
-        self.timesteps = (ts[:-1] + ts[-2:-1] + ts[-1:])[::-1]
-        self.ets, self.counter, self.x_first = [], 0, None
-
-    def alpha(self, t):
-        return self.alphas[t] if t >= 0 else self.alphas[0]
-
-    def step(self, eps, t, x):
-        t_prev = t - self.ratio
-        if self.counter == 1:
-            # Second evaluation at the same timestep: redo the first step from its start,
-            # with the mean of the ε's at t and t - ratio.
-            t_prev, t = t, t + self.ratio
-            eps, x = (eps + self.ets[-1]) / 2, self.x_first
-        else:
-            self.ets = self.ets[-3:] + [eps]
-            if self.counter == 0:
-                self.x_first = x
-            eps = plms_eps(self.ets)
-        self.counter += 1
-        return pndm_transfer(x, eps, self.alpha(t), self.alpha(t_prev))
-
-
-def q_sample(x0, eps, t, alphas):
-    """The forward (noising) process of DDPM (Ho et al. 2020, eq. 4), used in training:
-    x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, with t a (B,) tensor of integer timesteps."""
-    a = alphas.to(x0.device)[t].to(x0.dtype)[:, None, None, None]
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps
-
-
-def epsilon_loss(pred, noise, weight=None):
-    """The diffusion loss: mean squared error of the predicted noise, each sample scaled by `weight`
-    (B,) when given (--min-snr)."""
-    err = (pred.float() - noise.float()).pow(2)
-    return err.mean() if weight is None else (err.flatten(1).mean(1) * weight).mean()
-
-
-def min_snr_weight(t, alphas, gamma):
-    """Min-SNR-γ (Hang et al. 2023) for ε-prediction: min(SNR(t), γ) / SNR(t), SNR = ᾱ / (1 - ᾱ).
-    The nearly clean timesteps, whose noise is hardest to predict and least decides the picture, are
-    turned down; from SNR ≤ γ on the weight is 1."""
-    a = alphas[t].float()
-    snr = a / (1 - a)
-    return snr.clamp(max=gamma) / snr
-
-
-def make_sampler(name, num_steps, pndm_steps_offset=None):
-    """`pndm`: BLIP-Diffusion's published scheduler, its steps_offset read from the config (0);
-    `ddim`: Stable Diffusion v1.5's DDIM settings (steps_offset 1) whatever that config says."""
-    if num_steps < 1:
-        raise ValueError(f"steps must be positive, got {num_steps}")
-    if name == "pndm":
-        return PNDM(num_steps, pndm_steps_offset or 0)
-    if name == "ddim":
-        return DDIM(num_steps, steps_offset=1)
-    raise ValueError(f"unknown scheduler {name!r}: use pndm or ddim")
-
-
-
+def check_size(height, width):
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
 
 # ---------------------------------------------------------------------------------------------
 # Subject images and prompts
 # ---------------------------------------------------------------------------------------------
-
-# The files taken as images when a folder is given (sample.py, train.py, pairs.py).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def image_files(folder):
-    """The images in `folder` (not its subfolders), as paths sorted by name."""
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def to_rgb(image):
-    """Any PIL image -> 8-bit RGB. Palette, grayscale, CMYK and RGBA images convert as PIL does
-    (alpha dropped, as the reference's `convert("RGB")`); 16- and 32-bit images are rescaled to
-    8 bits first, which PIL's own conversion would clip."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(np.round(a / peak * 255.0), 0, 255).astype(np.uint8))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
 
 def preprocess_subject(images, size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, center_crop=False):
     """PIL images -> (N, 3, H, W) float32, normalised with CLIP's mean and std.
@@ -205,14 +84,7 @@ def preprocess_subject(images, size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, ce
     out = []
     for image in images:
         image = to_rgb(image)
-        if center_crop:
-            scale = max(h / image.height, w / image.width)
-            image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
-                                 Image.BICUBIC)
-            left, top = (image.width - w) // 2, (image.height - h) // 2
-            image = image.crop((left, top, left + w, top + h))
-        else:
-            image = image.resize((w, h), Image.BICUBIC)
+        image = crop_to(image, h, w) if center_crop else image.resize((w, h), Image.BICUBIC)
         x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)
         x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
         out.append(torch.from_numpy(x).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
@@ -424,68 +296,70 @@ class BlipDiffusion(nn.Module):
         if n > length:
             warnings.warn(f"the {what} is {n} tokens; the model reads {length}, so it was truncated")
 
-    @torch.no_grad()
-    def generate(self, prompt, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
-                 negative_prompt="", steps=50, guidance=None, seed=0, height=512, width=512, scheduler="pndm",
-                 num_images=1, prompt_strength=1.0, prompt_reps=PROMPT_REPS, center_crop=False,
-                 ctx_embeddings=None, controlnet=None, control_image=None, control_scale=1.0, controller=None,
-                 output="pil", progress=True):
-        """Render the subject in the context the prompt describes.
-
-        subject_images: PIL images of one subject (their embeddings are averaged), or a list of such
-        lists for several subjects mixed by `subject_weights`. subject_text: the category word (one per
-        subject). target_text: the word written into the prompt (default: the first subject's).
-        ctx_embeddings: precomputed (1, 16, 768) subject embeddings instead of images.
-        With no subject at all (no images, no ctx_embeddings, not a fine-tuned model) the prompt is
-        plain text-to-image: the same "a {target_text} {prompt}" text, without subject embeddings.
-        controlnet, control_image (PIL), control_scale: structure control (controlnet.py), e.g. a canny
-        ControlNet and `controlnet.canny_control_image(picture)`; the residuals are scaled by control_scale.
-        controller: `controller(probs, place) -> probs` on every UNet attention map (unet.Attention).
-        guidance: the classifier-free guidance scale, default the model's own (`self.guidance`).
-        Returns PIL images (output="pil"), or a float32 array (N, H, W, 3) in [0, 1] (output="np").
-        """
-        guidance = self.guidance if guidance is None else guidance
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-        sampler = make_sampler(scheduler, steps, self.scheduler_config.get("steps_offset"))
+    def subject_context(self, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
+                        ctx_embeddings=None, center_crop=False):
+        """-> (subject embeddings (1, 16, D) or None for text only, the word written into the prompt).
+        The subject comes from `ctx_embeddings`, else from images and their words, else from a
+        fine-tuned model's own; with none, the prompt is plain text-to-image and needs a word."""
         if ctx_embeddings is None and subject_images is None and self.ctx_embeddings is not None:
             ctx_embeddings, subject_text = self.ctx_embeddings, self.subject_text  # a fine-tuned subject
         text_only = ctx_embeddings is None and subject_images is None
         if text_only and not (target_text or subject_text):
             raise ValueError("give subject_images and subject_text, ctx_embeddings, or for text only a subject_text")
         if not text_only and ctx_embeddings is None:
-            ctx_embeddings, subject_text = self.mixed_subject(subject_images, subject_text, subject_weights,
-                                                              center_crop)
-        target_text = target_text or (subject_text[0] if isinstance(subject_text, list) else subject_text)
-        ctx = None if text_only else ctx_embeddings.to(self.device, self.dtype).expand(num_images, -1, -1)
-        self.warn_if_truncated(f"a {target_text} {prompt.strip()}",
-                               self.context_length - (0 if text_only else ctx.shape[1]), "prompt")
-        text = self.encode_text([build_prompt(prompt, target_text, prompt_strength, prompt_reps)] * num_images, ctx)
-        if guidance > 1.0:
-            self.warn_if_truncated(negative_prompt, self.context_length, "negative prompt")
-            text = torch.cat([self.encode_text([negative_prompt] * num_images), text])  # [uncond, cond]
+            ctx_embeddings, subject_text = self.mixed_subject(subject_images, subject_text, subject_weights, center_crop)
+        return ctx_embeddings, target_text or (subject_text[0] if isinstance(subject_text, list) else subject_text)
 
-        factor = self.vae.downsampling
-        shape = (self.unet.config.in_channels, height // factor, width // factor)
-        latents = initial_latents(num_images, shape, seed).to(self.device, self.dtype)
-        if (controlnet is None) != (control_image is None):
-            raise ValueError("structure control needs both a controlnet and a control_image")
-        if controlnet is not None:
-            cond = control_pixels(control_image, height, width).to(self.device, self.dtype)
-        for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress):
-            x_in = torch.cat([latents] * 2) if guidance > 1.0 else latents
-            residuals = {}
-            if controlnet is not None:
-                # As the reference: the ControlNet sees the UNet's latents, timestep and text states
-                # (the subject-augmented ones), and the control image on every row, unconditional too.
-                down, mid = controlnet(x_in, t, text, cond.expand(len(x_in), -1, -1, -1), control_scale)
-                residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-            eps = self.unet(x_in, t, text, **residuals, controller=controller)
-            if guidance > 1.0:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
-            latents = sampler.step(eps, t, latents)
+    @torch.no_grad()
+    def generate(self, prompt, subject_images=None, subject_text=None, sampling=None, *, target_text=None,
+                 subject_weights=None, ctx_embeddings=None, center_crop=False, control=None, controller=None,
+                 output="pil", progress=True, **options):
+        """Render the subject in the context the prompt describes.
+
+        subject_images: PIL images of one subject (their embeddings are averaged), or a list of such
+        lists for several subjects mixed by `subject_weights`. subject_text: the category word (one per
+        subject). target_text: the word written into the prompt (default: the first subject's).
+        ctx_embeddings: precomputed (1, 16, D) subject embeddings instead of images.
+        With no subject at all (no images, no ctx_embeddings, not a fine-tuned model) the prompt is
+        plain text-to-image: the same "a {target_text} {prompt}" text, without subject embeddings.
+        sampling: a Sampling; keyword `options` override its fields (steps=25, seed=3, guidance=5, ...).
+        control: structure control (controlnet.py), a controlnet.Control (a ControlNet, its control
+        image, its scale) or a list of them, whose residuals are summed.
+        controller: `controller(probs, place) -> probs` on every UNet attention map (unet.Attention).
+        Returns PIL images (output="pil"), or a float32 array (N, H, W, 3) in [0, 1] (output="np").
+        """
+        opt = sampling_options(sampling, **options)
+        guidance = self.guidance if opt.guidance is None else opt.guidance
+        check_size(opt.height, opt.width)
+        sampler = make_sampler(opt.scheduler, opt.steps, self.scheduler_config.get("steps_offset"))
+        ctx, target_text = self.subject_context(subject_images, subject_text, target_text, subject_weights,
+                                                ctx_embeddings, center_crop)
+        n = opt.num_images
+        if ctx is not None:
+            ctx = ctx.to(self.device, self.dtype).expand(n, -1, -1)
+        self.warn_if_truncated(f"a {target_text} {prompt.strip()}",
+                               self.context_length - (0 if ctx is None else ctx.shape[1]), "prompt")
+        text = self.encode_text([build_prompt(prompt, target_text, opt.prompt_strength, opt.prompt_reps)] * n, ctx)
+        uncond = None
+        if guidance > 1.0:
+            self.warn_if_truncated(opt.negative_prompt, self.context_length, "negative prompt")
+            uncond = self.encode_text([opt.negative_prompt] * n)
+        controls = [] if control is None else [control] if isinstance(control, Control) else list(control)
+        if any(c.image is None for c in controls):
+            raise ValueError("structure control needs a control image for each ControlNet (Control(net, image, scale))")
+        # As the reference: each ControlNet sees the UNet's latents, timestep and the (subject-augmented)
+        # text states, and its control image, resized to the output, on every row.
+        terms = [(c.net, control_pixels(c.image, opt.height, opt.width).to(self.device, self.dtype), c.scale)
+                 for c in controls]
+        latents = initial_latents(n, self.latent_shape(opt.height, opt.width), opt.seed).to(self.device, self.dtype)
+        latents = denoise(self.unet, latents, text, sampler, uncond, guidance, terms, controller, progress=progress)
         return self.decode(latents, output)
+
+    def latent_shape(self, height, width):
+        """(C, H, W) of the latent of a height x width image."""
+        check_size(height, width)
+        factor = self.vae.downsampling
+        return self.unet.config.in_channels, height // factor, width // factor
 
     @torch.no_grad()
     def decode(self, latents, output="pil"):

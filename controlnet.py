@@ -20,13 +20,14 @@ Module names equal its state dict, so `lllyasviel/sd-controlnet-{canny,depth,hed
 
 Also here: a Canny edge detector equal to OpenCV's `cv2.Canny` (what LAVIS and controlnet_aux call to
 make the canny model's input), and the control-image preprocessing of diffusers'
-`BlipDiffusionControlNetPipeline` (../shared/reference/blip-diffusion.md, section 4.2).
+`BlipDiffusionControlNetPipeline` (pipelines/controlnet/pipeline_controlnet_blip_diffusion.py).
 
 Letters in shape comments: B batch, C channels, H, W the latent's height and width (8H, 8W in pixels).
 """
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from scipy import ndimage
 from torch import nn
 
 from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder
+from data import to_rgb
 from unet import MidBlock, TimestepEmbedding, encoder_levels, timestep_batch
 
 # Canny thresholds on the 0-255 intensity scale. 100/200 is controlnet_aux's CannyDetector default,
@@ -164,13 +166,20 @@ class ControlNet(nn.Module):
         return load_strict(model, state_dict, source)
 
 
+class Control(NamedTuple):
+    """One ControlNet at work in generation: the network, its control image (a PIL edge, depth or
+    pose map) and the scale of its residuals (0 turns it off)."""
+    net: ControlNet
+    image: Image.Image
+    scale: float = 1.0
+
+
 def control_pixels(image, height, width):
     """A PIL control image -> (1, 3, height, width) float32 in [0, 1], as the reference prepares it:
     RGB, bicubic resize to (width, height), /255, no normalisation (diffusers' BlipImageProcessor with
     do_normalize=False; LAVIS resizes with LANCZOS instead). Run Canny at the output size: resizing an
     edge map blurs its one-pixel lines."""
-    image = image if image.mode == "RGB" else image.convert("RGB")
-    image = image.resize((width, height), Image.BICUBIC)
+    image = to_rgb(image).resize((width, height), Image.BICUBIC)
     x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)
     return torch.from_numpy(x).permute(2, 0, 1)[None]  # (8H, 8W, 3) -> (1, 3, 8H, 8W)
 

@@ -12,38 +12,54 @@ the target "a [16 subject embeddings] {tgt} {prompt}". Controllers passed into t
 - local blend (LocalBlend), after every step: the source subject word's cross-attention, summed over
   the steps so far (AttentionStore), gives a mask; outside it the target latent is reset to the source's.
 
-Must behave as LAVIS' `generate_then_edit` / `edit` (blip_diffusion.py, ptp_utils.py; see
-../shared/reference/blip-diffusion.md sec. 5.5), except where LAVIS is wrong (sec. 7), which the code
-says at each place: the token alignment, the inversion prompt, the VAE latent, the DDIM path.
+Must behave as LAVIS' `generate_then_edit` / `edit` (lavis/models/blip_diffusion_models/
+blip_diffusion.py and ptp_utils.py), except where LAVIS is wrong, which the code says at each place:
+the token alignment, the inversion prompt, the VAE latent, the DDIM path.
 
 Letters in shape comments: B batch, h heads, N query positions, L text positions (77), C channels,
 H x W the latent.
 """
 
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-from blipdiff import DDIM, build_prompt, ddim_step, initial_latents, make_sampler, to_rgb
+from blipdiff import build_prompt, initial_latents, sampling_options
 from clip import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS
+from data import center_crop, to_rgb
+from diffusion import DDIM, ddim_invert, denoise, make_sampler
 
-# LAVIS' defaults (generate_then_edit / edit): refine cross-attention for 80% of the steps, inject
-# self-attention for 40%, keep the pixels whose normalised word attention is above 0.3.
-CROSS_REPLACE, SELF_REPLACE, THRESHOLD = 0.8, 0.4, 0.3
-# Resolutions, as the factor by which a UNet level is smaller than the latent. LAVIS (at 512 px, a
-# 64x64 latent) takes the mask from the 16x16 maps and injects self-attention where the key length is
-# <= 256, i.e. 16x16 and 8x8. In SD-1.5 16x16 is the coarsest level of the cross-attention encoder
-# blocks (4 times below the latent); None means that rule, read from the UNet's config, so smaller
-# models (the tests', the toy world's) get their own equivalent.
-MASK_DOWNSAMPLE, SELF_DOWNSAMPLE = None, None
+@dataclass
+class Edit:
+    """Prompt-to-prompt's settings; the defaults are LAVIS' (generate_then_edit / edit)."""
+    threshold: float = 0.3  # keep the pixels whose normalised source-word attention is above it
+    cross_replace: float = 0.8  # share of the steps whose cross-attention is refined from the source's
+    self_replace: float = 0.4  # share of the steps whose low-resolution self-attention is the source's
+    # Resolutions, as the factor by which a UNet level is smaller than the latent. LAVIS (at 512 px, a
+    # 64x64 latent) takes the mask from the 16x16 maps and injects self-attention where the key length
+    # is <= 256, i.e. 16x16 and 8x8. In SD-1.5 16x16 is the coarsest level of the cross-attention encoder
+    # blocks (4 times below the latent); None means that rule, read from the UNet's config, so smaller
+    # models (the tests', the toy world's) get their own equivalent.
+    mask_downsample: Optional[int] = None
+    self_downsample: Optional[int] = None
+
+
+def split_options(options):
+    """Keyword options -> (those of Sampling, those of Edit)."""
+    edit = {f.name for f in fields(Edit)}
+    return {k: v for k, v in options.items() if k not in edit}, {k: v for k, v in options.items() if k in edit}
 
 
 def coarsest_cross_attention_level(unet):
     """2**i for the last CrossAttnDownBlock2D i: 4 in SD-1.5 (16x16 at a 64x64 latent)."""
     levels = [i for i, kind in enumerate(unet.config.down_block_types) if kind.startswith("CrossAttn")]
     return 2 ** levels[-1]
+
+
 # Stands for a subject embedding in the target's token list; equal to no token id.
 SUBJECT_TOKEN = -1
 
@@ -166,7 +182,7 @@ class AttentionRefine:
         return probs
 
 
-def edit_mask(maps, positions, map_size, latent_size, threshold=THRESHOLD):
+def edit_mask(maps, positions, map_size, latent_size, threshold=Edit.threshold):
     """LocalBlend's mask from one prompt's summed cross-attention maps (N, L), N = map height x width:
     m = Σ_{k in word} A[:, k], max-pooled 3x3 (stride 1, grows the region by a pixel), upsampled
     (nearest) to the latent, m <- m / max(m); mask = m > threshold, (1, 1, H, W) bool.
@@ -186,64 +202,29 @@ def blend(latents, mask):
 # Sampling loops
 # ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def denoise(model, latents, cond, sampler, uncond=None, guidance=7.5, controller=None, after_step=None,
-            progress=False):
-    """x_T -> x_0 with `sampler`. With `uncond`, classifier-free guidance ε = ε_u + g·(ε_c − ε_u)
-    (g one number or one per sample; g = 1 gives ε_c); without, ε = ε_c.
-    after_step(i, latents) -> latents runs after each sampler step."""
-    g = torch.as_tensor(guidance, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1, 1)
-    text = cond if uncond is None else torch.cat([uncond, cond])
-    for i, t in enumerate(tqdm(sampler.timesteps, desc="denoising", disable=not progress)):
-        x_in = latents if uncond is None else torch.cat([latents] * 2)
-        eps = model.unet(x_in, t, text, controller=controller)
-        if uncond is not None:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + g * (eps_cond - eps_uncond)
-        latents = sampler.step(eps, t, latents)
-        if after_step is not None:
-            latents = after_step(i, latents)
-    return latents
-
-
-@torch.no_grad()
-def ddim_invert(model, latents, text_embeddings, steps=50, progress=False):
-    """x_0 -> x_T: DDIM (η = 0) run backwards, with the noise predicted at the point already reached,
-    for t = 1, 1 + T/N, ..., the DDIM timesteps (steps_offset 1) in increasing order, t' = t − T/N:
-        ε = ε_θ(x_t', t),  x̂₀ = (x_t' − √(1−ᾱ_t')·ε) / √ᾱ_t',  x_t = √ᾱ_t·x̂₀ + √(1−ᾱ_t)·ε,
-    with ᾱ_t' = ᾱ_0 for t' < 0. Exact if ε(x_t) = ε(x_t'); the error is DDIM's discretisation.
-    No guidance: `text_embeddings` (B, 77, D) is the conditional prompt alone."""
-    sampler = DDIM(steps)
-    for t in tqdm(sampler.timesteps[::-1], desc="inverting", disable=not progress):
-        eps = model.unet(latents, t, text_embeddings)
-        latents = ddim_step(latents, eps, sampler.alpha(t - sampler.ratio), sampler.alpha(t))
-    return latents
-
-
-def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sampler, steps, guidance=7.5,
-                 negative_prompt="", guide_source=True, threshold=THRESHOLD, cross_replace=CROSS_REPLACE,
-                 self_replace=SELF_REPLACE, mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE,
-                 callback=None, progress=False):
+def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sampler, sampling, edit,
+                 guide_source=True, callback=None, progress=False):
     """Source and target from one latent (1, C, H, W) -> their final latents (2, C, H, W).
 
     Windows as prompt-to-prompt counts them, in UNet evaluations: cross-attention for the first
     int(cross_replace·(steps + 1)), self-attention for the first int(self_replace·steps) (40 and 20 at
     50 steps). guide_source=False gives the source its unguided conditional ε, as LAVIS does for a real
     image, so that it retraces the DDIM inversion. callback(i, latents, mask) sees every step."""
-    tok, height, width = model.tokenizer, latents.shape[-2], latents.shape[-1]
+    tok, height, width, steps = model.tokenizer, latents.shape[-2], latents.shape[-1], sampling.steps
+    guidance = model.guidance if sampling.guidance is None else sampling.guidance
     src_text, tgt_text = build_prompt(prompt, src_word, prompt_reps=1), build_prompt(prompt, tgt_word, prompt_reps=1)
     ctx = ctx_embeddings.to(model.device, model.dtype)
     cond = torch.cat([model.encode_text([src_text]), model.encode_text([tgt_text], ctx)])
-    uncond = model.encode_text([negative_prompt] * 2)
+    uncond = model.encode_text([sampling.negative_prompt] * 2)
     alignment = token_alignment(tok, src_text, tgt_text, ctx.shape[1], model.context_length)
     mapper, alpha = (x.to(model.device) for x in alignment)
-    mask_downsample = mask_downsample or coarsest_cross_attention_level(model.unet)
-    self_downsample = self_downsample or coarsest_cross_attention_level(model.unet)
+    mask_downsample = edit.mask_downsample or coarsest_cross_attention_level(model.unet)
+    self_downsample = edit.self_downsample or coarsest_cross_attention_level(model.unet)
     map_size = level_size(height, width, mask_downsample)
     self_size = level_size(height, width, self_downsample)
     store = AttentionStore(map_size[0] * map_size[1])
-    refine = AttentionRefine(mapper, alpha.to(model.dtype), int(cross_replace * (steps + 1)),
-                             int(self_replace * steps), self_size[0] * self_size[1])
+    refine = AttentionRefine(mapper, alpha.to(model.dtype), int(edit.cross_replace * (steps + 1)),
+                             int(edit.self_replace * steps), self_size[0] * self_size[1])
     # The mask reads the source word's tokens in the source prompt only. Prompt-to-prompt would OR in
     # the target word's region; LAVIS passes only the source word, so its target mask is empty. As LAVIS.
     positions = word_positions(tok, "a", src_word, model.context_length)
@@ -252,15 +233,15 @@ def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sam
         if store.maps is None:
             raise ValueError(f"no cross-attention layer at {map_size[0]}x{map_size[1]} (mask_downsample="
                              f"{mask_downsample} of a {height}x{width} latent): pick a level that has one")
-        mask = edit_mask(store.maps[0], positions, map_size, (height, width), threshold)
+        mask = edit_mask(store.maps[0], positions, map_size, (height, width), edit.threshold)
         x = blend(x, mask)
         if callback is not None:
             callback(i, x, mask)
         return x
 
     g = [guidance if guide_source else 1.0, guidance]
-    return denoise(model, latents.expand(2, -1, -1, -1), cond, sampler, uncond, g, chain(store, refine),
-                   local_blend, progress)
+    return denoise(model.unet, latents.expand(2, -1, -1, -1), cond, sampler, uncond, g,
+                   controller=chain(store, refine), after_step=local_blend, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,33 +260,26 @@ def subject_of(model, subject_images, subject_text, ctx_embeddings):
     return model.subject_embeddings(images, subject_text)
 
 
-def latent_shape(model, height, width):
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    factor = model.vae.downsampling
-    return model.unet.config.in_channels, height // factor, width // factor
-
-
 @torch.no_grad()
 def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
-                   ctx_embeddings=None, steps=50, guidance=None, seed=0, height=512, width=512, scheduler="pndm",
-                   negative_prompt="", threshold=THRESHOLD, cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE,
-                   mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE, output="pil",
-                   callback=None, progress=True):
+                   ctx_embeddings=None, sampling=None, edit=None, output="pil", callback=None, progress=True,
+                   **options):
     """Generate "a {src_word} {prompt}" and, from the same noise, the subject as `tgt_word` in it,
     the edit confined to where the source word is. Returns (source, edited).
 
     The subject: `subject_images` with their category `subject_text` (default tgt_word), or
-    `ctx_embeddings` (1, 16, D), or a fine-tuned model's own. LAVIS' default is 250 steps; ours 50, as its
+    `ctx_embeddings` (1, 16, D), or a fine-tuned model's own. sampling (blipdiff.Sampling; its
+    guidance default the model's own, as generate()) and edit (Edit) take their fields as keyword
+    `options` too (steps=, seed=, threshold=, ...). LAVIS' default is 250 steps; ours 50, as its
     notebooks. scheduler="ddim" works here (LAVIS' use_ddim path indexes a 2-sample batch at 2 and
-    crashes); both branches are guided. guidance: default the model's own, as generate()."""
-    guidance = model.guidance if guidance is None else guidance
+    crashes); both branches are guided."""
+    sample_opts, edit_opts = split_options(options)
+    sampling, edit = sampling_options(sampling, **sample_opts), replace(edit or Edit(), **edit_opts)
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
-    sampler = make_sampler(scheduler, steps, model.scheduler_config.get("steps_offset"))
-    latents = initial_latents(1, latent_shape(model, height, width), seed).to(model.device, model.dtype)
-    latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, sampler, steps, guidance,
-                           negative_prompt, True, threshold, cross_replace, self_replace, mask_downsample,
-                           self_downsample, callback, progress)
+    sampler = make_sampler(sampling.scheduler, sampling.steps, model.scheduler_config.get("steps_offset"))
+    latents = initial_latents(1, model.latent_shape(sampling.height, sampling.width), sampling.seed)
+    latents = edit_latents(model, latents.to(model.device, model.dtype), prompt, src_word, tgt_word, ctx, sampler,
+                           sampling, edit, callback=callback, progress=progress)
     return tuple(model.decode(latents, output))  # (source or reconstruction, edited)
 
 
@@ -314,38 +288,32 @@ def image_to_latent(model, image, height, width):
     """PIL image -> z = 0.18215·mean of q(z|x), (1, 4, H/8, W/8): resized to cover height x width,
     centre-cropped, scaled to [-1, 1]. The posterior mean, not a sample: LAVIS samples (with the
     global RNG), which adds noise the inversion then carries; the mean is the image's latent."""
-    image = to_rgb(image)
-    scale = max(height / image.height, width / image.width)
     # Bicubic (LAVIS: torchvision's default bilinear; PIL's filters both antialias when shrinking).
-    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                         Image.BICUBIC)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    x = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32) / 255
+    x = np.asarray(center_crop(to_rgb(image), height, width), dtype=np.float32) / 255
     x = torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1  # (H, W, 3) -> (1, 3, H, W)
     return model.vae.encode(x.to(model.device, model.dtype)).mean * model.vae.config.scaling_factor
 
 
 @torch.no_grad()
 def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
-              ctx_embeddings=None, steps=50, inversion_steps=50, guidance=None, height=512, width=512,
-              negative_prompt="", threshold=THRESHOLD, cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE,
-              mask_downsample=MASK_DOWNSAMPLE, self_downsample=SELF_DOWNSAMPLE, output="pil",
-              callback=None, progress=True):
+              ctx_embeddings=None, sampling=None, edit=None, inversion_steps=50, output="pil", callback=None,
+              progress=True, **options):
     """Edit a photo where `src_word` is ("a {src_word} {prompt}" describes it) into the subject as
     `tgt_word`. Returns (reconstruction, edited).
 
     VAE latent -> DDIM inversion under the source prompt, no guidance -> the edit, with DDIM (η = 0).
     The source branch uses its unguided ε, the exact reverse of the inversion, so it reconstructs the
     photo; the target is guided. Keep inversion_steps = steps: otherwise the inversion ends at another
-    noise level than the sampling starts from (LAVIS allows it too). guidance: default the model's own."""
-    guidance = model.guidance if guidance is None else guidance
+    noise level than the sampling starts from (LAVIS allows it too). Options as edit_generated's
+    (seed and scheduler play no part: the noise is the photo's, the sampler DDIM)."""
+    sample_opts, edit_opts = split_options(options)
+    sampling, edit = sampling_options(sampling, **sample_opts), replace(edit or Edit(), **edit_opts)
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
-    latents = image_to_latent(model, image, height, width)
+    latents = image_to_latent(model, image, sampling.height, sampling.width)
     # The whole source word; LAVIS builds this prompt with the word's first character ("a c sit on a
     # sofa" for "cat"), since its prompt builder iterates over what it takes for a list of words.
     text = model.encode_text([build_prompt(prompt, src_word, prompt_reps=1)])
-    latents = ddim_invert(model, latents, text, inversion_steps, progress)
-    latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, DDIM(steps), steps, guidance,
-                           negative_prompt, False, threshold, cross_replace, self_replace, mask_downsample,
-                           self_downsample, callback, progress)
+    latents = ddim_invert(model.unet, latents, text, inversion_steps, progress)
+    latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, DDIM(sampling.steps), sampling, edit,
+                           guide_source=False, callback=callback, progress=progress)
     return tuple(model.decode(latents, output))  # (source or reconstruction, edited)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import matting
 import toyworld
-from blipdiff import IMAGE_EXTENSIONS, image_files
+from data import IMAGE_EXTENSIONS, image_files
 from clipseg import CLIPSeg
 
 

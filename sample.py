@@ -19,11 +19,11 @@ import time
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from blipdiff import IMAGE_EXTENSIONS, image_files
 from checkpoint import write_atomically
 from controlnet import CANNY_HIGH, CANNY_LOW
+from data import IMAGE_EXTENSIONS, ImageError, image_files, read_image
 
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
 
@@ -42,15 +42,10 @@ def read_images(path):
         files = [path]
     else:
         raise InputError(f"{path}: no such file or folder")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"{f}: not an image that can be read ({type(e).__name__}); give a PNG, JPEG or WebP") from None
-    return images
+    try:
+        return [read_image(f) for f in files]
+    except ImageError as e:
+        raise InputError(str(e)) from None
 
 
 def check_output(path):
@@ -102,7 +97,7 @@ def check_control(args):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"{folder}: no ControlNet there; give --controlnet DIR (e.g. weights/sd-controlnet-canny, "
                          f"see weights/README.md)")
-    image = read_images(args.control_image)[0].convert("RGB")
+    image = read_images(args.control_image)[0]
     if args.control == "image":
         return image
     from controlnet import canny_control_image
@@ -204,7 +199,7 @@ def main(argv=None):
 
     import torch
 
-    from blipdiff import BlipDiffusion
+    from blipdiff import BlipDiffusion, Sampling
     from checkpoint import CheckpointError
 
     device = pick_device(args.device)
@@ -214,37 +209,36 @@ def main(argv=None):
     start = time.time()
     try:
         model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
-        controlnet = None
         if control is not None:
-            from controlnet import ControlNet
+            from controlnet import Control, ControlNet
             controlnet = ControlNet.from_pretrained(args.controlnet or os.path.join(args.weights, "controlnet"))
-            controlnet.to(device, dtype)
+            control = Control(controlnet.to(device, dtype), control, args.control_scale)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
+    sampling = Sampling(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                        scheduler=args.scheduler, num_images=args.num_images, negative_prompt=args.negative_prompt)
     if args.edit_word:
         import editing
-        common = dict(subject_images=subjects[0] if subjects else None, subject_text=args.subject_text[0] if subjects else None,
-                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                      negative_prompt=args.negative_prompt, threshold=args.edit_threshold, output="np")
+        subject = dict(subject_images=subjects[0] if subjects else None,
+                       subject_text=args.subject_text[0] if subjects else None)
         target = args.target_text or (args.subject_text[0] if subjects else model.subject_text)
+        edit = editing.Edit(threshold=args.edit_threshold)
         if edit_image is not None:
-            source, edited = editing.edit_real(model, edit_image, args.prompt, args.edit_word, target, **common)
+            source, edited = editing.edit_real(model, edit_image, args.prompt, args.edit_word, target, **subject,
+                                               sampling=sampling, edit=edit, output="np")
         else:
-            source, edited = editing.edit_generated(model, args.prompt, args.edit_word, target, seed=args.seed,
-                                                    scheduler=args.scheduler, **common)
+            source, edited = editing.edit_generated(model, args.prompt, args.edit_word, target, **subject,
+                                                    sampling=sampling, edit=edit, output="np")
         stem, ext = os.path.splitext(args.out)
         written = write_outputs(args.out, edited[None]) + write_outputs(f"{stem}-source{ext}", source[None])
         print(f"wrote {written[0]} (the edit) and {written[1]} (the {'reconstruction' if args.edit else 'source'}), "
               f"{args.width}x{args.height}, in {time.time() - start:.1f} s")
         return 0
-    array = model.generate(
-        args.prompt, subjects or None, args.subject_text or None, target_text=args.target_text,
-        subject_weights=args.subject_weight or None, negative_prompt=args.negative_prompt, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, height=args.height, width=args.width, scheduler=args.scheduler,
-        num_images=args.num_images, center_crop=args.center_crop, controlnet=controlnet, control_image=control,
-        control_scale=args.control_scale, output="np")
+    array = model.generate(args.prompt, subjects or None, args.subject_text or None, sampling,
+                           target_text=args.target_text, subject_weights=args.subject_weight or None,
+                           center_crop=args.center_crop, control=control, output="np")
     written = write_outputs(args.out, array)
     n = args.num_images
     print(f"wrote {written[0]} ({n} image{'s' * (n > 1)}, {args.width}x{args.height}"

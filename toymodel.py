@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blipdiff import epsilon_loss
+from diffusion import epsilon_loss
 from clip import CLIP_PATTERN, CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
 from unet import UNetConfig

@@ -51,8 +51,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import toymodel
 import toyworld
-from blipdiff import (IMAGE_EXTENSIONS, NUM_TRAIN_TIMESTEPS, BlipDiffusion, alphas_cumprod, build_prompt,
-                      epsilon_loss, image_files, min_snr_weight, preprocess_subject, q_sample)
+from blipdiff import BlipDiffusion, build_prompt, preprocess_subject
+from data import IMAGE_EXTENSIONS, image_files
+from diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, epsilon_loss, min_snr_weight, q_sample
 from checkpoint import CheckpointError, read_tensors, write_folder_atomically, write_part
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer
 from qformer import Blip2Config, Blip2Pretraining, QFormer, QFormerConfig, QFormerTokenizer, init_from_bert

@@ -6,7 +6,8 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from blipdiff import BlipDiffusion, build_prompt, preprocess_subject, to_rgb
+from blipdiff import BlipDiffusion, build_prompt, preprocess_subject
+from data import to_rgb
 
 SIZE = dict(height=32, width=32)
 

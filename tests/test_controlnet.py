@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from blipdiff import BlipDiffusion
 from checkpoint import CheckpointError
-from controlnet import ControlNet, ControlNetConfig, canny, canny_control_image, control_pixels
+from controlnet import Control, ControlNet, ControlNetConfig, canny, canny_control_image, control_pixels
 from reference import assert_close, perturb
 
 # Fits the tiny UNet of reference.tiny_reference_pipeline. Its VAE has 2 levels (pixels / 2 = latent),
@@ -131,7 +131,7 @@ def test_generate_equals_reference_pipeline(models, guidance):
                    num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(4),
                    **SIZE).images
     out = ours.generate("on a marble table", [picture(0)], "dog", guidance=guidance, steps=3, seed=4,
-                        controlnet=controlnet, control_image=control, output="np", progress=False, **SIZE)
+                        control=Control(controlnet, control), output="np", progress=False, **SIZE)
     assert out.shape == expected.shape == (1, 32, 24, 3)
     assert np.abs(out - expected).max() <= 1e-4
     plain = ours.generate("on a marble table", [picture(0)], "dog", guidance=guidance, steps=3, seed=4,
@@ -143,11 +143,10 @@ def test_zero_control_scale_is_plain_generation(models):
     _, ours, controlnet = models
     kw = dict(steps=2, seed=1, output="np", progress=False, **SIZE)
     plain = ours.generate("at night", [picture(1)], "dog", **kw)
-    off = ours.generate("at night", [picture(1)], "dog", controlnet=controlnet, control_image=picture(2),
-                        control_scale=0.0, **kw)
+    off = ours.generate("at night", [picture(1)], "dog", control=Control(controlnet, picture(2), 0.0), **kw)
     assert np.abs(off - plain).max() <= 1e-6
-    with pytest.raises(ValueError, match="control_image"):
-        ours.generate("at night", [picture(1)], "dog", controlnet=controlnet, **kw)
+    with pytest.raises(ValueError, match="control image"):
+        ours.generate("at night", [picture(1)], "dog", control=Control(controlnet, None), **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from blipdiff import DDIM, BlipDiffusion, alphas_cumprod, build_prompt, initial_latents, make_sampler
-from editing import (AttentionRefine, AttentionStore, denoise, ddim_invert, edit_generated, edit_mask,
-                     edit_real, image_to_latent, token_alignment, word_positions)
+from blipdiff import BlipDiffusion, build_prompt, initial_latents
+from diffusion import DDIM, alphas_cumprod, ddim_invert, denoise, make_sampler
+from editing import (AttentionRefine, AttentionStore, edit_generated, edit_mask, edit_real, image_to_latent,
+                     token_alignment, word_positions)
 from unet import AttentionPlace
 
 SIZE = dict(height=32, width=32)
@@ -54,7 +55,8 @@ def test_identity_controller_equals_generate(model, ctx):
                          progress=False, **SIZE)
     cond = model.encode_text([build_prompt(PROMPT, "dog")], ctx)
     latents = initial_latents(1, (4, 16, 16), 2)
-    out = denoise(model, latents, cond, make_sampler("pndm", 4), model.encode_text([""]), 7.5, identity)
+    out = denoise(model.unet, latents, cond, make_sampler("pndm", 4), model.encode_text([""]), 7.5,
+                  controller=identity)
     assert len(calls) == 8 * 5  # 8 attention layers, 4 PNDM steps = 5 UNet evaluations
     assert np.abs(decode(model, out) - ref).max() <= 1e-5  # explicit softmax vs SDPA: rounding only
 
@@ -68,8 +70,8 @@ def test_full_and_empty_masks(model, ctx, scheduler):
                             scheduler=scheduler, output="np", progress=False, **SIZE)[0]
     assert np.abs(edited - target).max() <= 1e-4
     cond = model.encode_text([build_prompt(PROMPT, "cat", prompt_reps=1)])
-    plain = denoise(model, initial_latents(1, (4, 16, 16), 4), cond, make_sampler(scheduler, 6),
-                    model.encode_text([""]))
+    plain = denoise(model.unet, initial_latents(1, (4, 16, 16), 4), cond, make_sampler(scheduler, 6),
+                    model.encode_text([""]), 7.5)
     assert np.abs(source - decode(model, plain)[0]).max() <= 1e-4
     # With the replacement on, the target is no longer its plain generation.
     _, replaced = edit(model, ctx, scheduler=scheduler, threshold=-1.0)
@@ -197,9 +199,9 @@ def test_ddim_inversion_round_trip():
     x0 = mu + 0.5 * z
     errors = []
     for steps in (10, 50):
-        noise = ddim_invert(model, x0, None, steps)
+        noise = ddim_invert(model.unet, x0, None, steps)
         exact = model.unet.along_ode(z, DDIM(steps).timesteps[0])
-        back = denoise(model, noise, None, DDIM(steps))
+        back = denoise(model.unet, noise, None, DDIM(steps))
         errors.append(((noise - exact).norm() / exact.norm()).item())
         assert ((back - x0).norm() / x0.norm()).item() < {10: 0.2, 50: 0.05}[steps]
     assert errors[1] < 0.05 and errors[1] < errors[0] / 3  # converges as 1/N
@@ -215,8 +217,8 @@ def test_edit_real(model):
     assert recon.shape == edited.shape == (32, 32, 3) and np.array_equal(recon, edited)
     # The source branch is DDIM sampling, unguided, from the inverted latent under the source prompt.
     text = model.encode_text([build_prompt(PROMPT, "cat", prompt_reps=1)])
-    inverted = ddim_invert(model, image_to_latent(model, photo, 32, 32), text, 10)
-    assert np.abs(recon - decode(model, denoise(model, inverted, text, DDIM(10)))[0]).max() <= 1e-4
+    inverted = ddim_invert(model.unet, image_to_latent(model, photo, 32, 32), text, 10)
+    assert np.abs(recon - decode(model, denoise(model.unet, inverted, text, DDIM(10)))[0]).max() <= 1e-4
     recon2, edited = edit_real(model, photo, PROMPT, "cat", "dog", threshold=0.3, **args)
     assert np.array_equal(recon, recon2) and not np.array_equal(recon, edited)
 

@@ -169,14 +169,14 @@ def photo(path, size=(32, 32)):
 
 def test_canny_control_equals_the_api(with_controlnet, subject, tmp_path):
     from blipdiff import BlipDiffusion
-    from controlnet import ControlNet, canny_control_image
+    from controlnet import Control, ControlNet, canny_control_image
     assert run(with_controlnet, subject, tmp_path / "x.npy", "--control", "canny", "--control-image",
                photo(tmp_path / "photo.png"), "--canny-low", "50", "--canny-high", "100") == 0
     model = BlipDiffusion.from_pretrained(with_controlnet)
     controlnet = ControlNet.from_pretrained(os.path.join(with_controlnet, "controlnet"))
     edges = canny_control_image(Image.open(tmp_path / "photo.png"), 50, 100)
     ref = model.generate("swimming underwater", [Image.open(subject)], "dog", steps=3, seed=5, height=32, width=32,
-                         controlnet=controlnet, control_image=edges, output="np", progress=False)
+                         control=Control(controlnet, edges), output="np", progress=False)
     assert np.abs(np.load(tmp_path / "x.npy") - ref).max() <= 1e-5
     plain = np.load(tmp_path / "x.npy")
     assert run(with_controlnet, subject, tmp_path / "y.npy", "--control", "image", "--control-image",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
-from blipdiff import DDIM, PNDM, alphas_cumprod, make_sampler
+from diffusion import DDIM, PNDM, alphas_cumprod, make_sampler
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
