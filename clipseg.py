@@ -164,7 +164,8 @@ class CLIPSegBackbone(nn.Module):
 
 class CLIPSegDecoderLayer(nn.Module):
     """Post-LN with ReLU: x = LN(x + attn(x)), then x = LN(x + mlp(x)). The original decoder is PyTorch's
-    default nn.TransformerEncoderLayer, unlike CLIP's pre-LN QuickGELU blocks (reference notes, fact 8)."""
+    default nn.TransformerEncoderLayer (timojl/clipseg, models/clipseg.py), unlike CLIP's pre-LN QuickGELU
+    blocks, and ReLU although the published config says quick_gelu."""
 
     def __init__(self, dim, heads, hidden, eps):
         super().__init__()

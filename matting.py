@@ -32,6 +32,7 @@ import scipy.sparse.linalg as sla
 from PIL import Image
 
 from checkpoint import write_atomically
+from data import read_image
 
 EPS = 1e-7  # colour-line regulariser of every reference (MATLAB getLaplacian1.m, pymatting cf_laplacian)
 
@@ -130,10 +131,10 @@ def estimate_alpha(image, trimap, eps=EPS):
     (76k unknowns, 2 cores): Jacobi-CG needs ~1,350 iterations (tens of seconds), CG with an
     overlapping block preconditioner (128 px tiles factored by splu) 18 iterations and 2.8 s,
     spilu is not symmetric so CG may diverge, while this factorisation takes 1.2 s. The default
-    `spsolve` (COLAMD ordering with partial pivoting) is the slow, memory-hungry direct solve the
-    reference notes measured; symmetric mode is what makes the difference. Its cost grows like
-    n^1.5 in the number of unknowns n, so keep the unknown band narrow (the trimap rule's job).
-    bench_matting.py: 1.25-1.9x pymatting's time at 0.5 MP, 2.2x at 0.26 MP, same memory and SAD.
+    `spsolve` (COLAMD ordering with partial pivoting) is a slower, memory-hungrier direct solve;
+    symmetric mode is what makes the difference. Its cost grows like n^1.5 in the number of
+    unknowns n, so keep the unknown band narrow (the trimap rule's job). Against pymatting:
+    bench_matting.py, figures in docs/benchmarks.md.
     """
     image = np.asarray(image, dtype=np.float64)
     h, w = image.shape[:2]
@@ -240,11 +241,7 @@ def trimap_from_confidence(p, high=0.6, low=0.1, band=0):
 
 
 def _load(path, mode):
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
-    except (OSError, SyntaxError) as e:  # PIL raises UnidentifiedImageError (an OSError) for non-images
-        raise ValueError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG") from None
+    return np.asarray(read_image(path, mode))  # an ImageError (a ValueError) names an unreadable file
 
 
 def write_png(array, path):

@@ -11,8 +11,9 @@ encoder) and asking it to generate the original image (the target). Per image an
   4. estimate the subject's foreground colours and alpha-blend them onto a random background image
   5. write both images and a record line
 
-The paper publishes neither this code nor its thresholds, resolution or CLIPSeg variant (LAVIS #447);
-the defaults below are this project's choices (reference notes sec. 4).
+The paper publishes neither this code nor its thresholds, resolution or CLIPSeg variant (the authors
+say in LAVIS issue #447 that the pre-training code will not be released); the defaults below are this
+project's choices.
 
 Data (--data), one of:
   - a JSONL manifest, one line per image: {"image": "photos/1.jpg", "subject": "dog",
@@ -42,15 +43,15 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 import matting
-import toyworld
-from data import IMAGE_EXTENSIONS, image_files
 from clipseg import CLIPSeg
+from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image
 
 
 
@@ -59,8 +60,8 @@ class Settings:
     size: int = 512  # SD-1.5's training resolution, which stage 2 trains at
     high: float = 0.6  # CLIPSeg probability from which a pixel is fixed as subject
     low: float = 0.1  # below this, fixed as background; in between the matting decides
-    band: int = 8  # px either side of the subject's edge left to the matting (the notes suggest 8-10 at
-    #                512): CLIPSeg predicts from a 22 x 22 token grid, so its edges are only approximate
+    band: int = 8  # px either side of the subject's edge left to the matting (at 512 px): CLIPSeg
+    #                predicts from a 22 x 22 token grid, so its edges are only approximate
     max_unknown: float = 0.4  # skip images whose unknown region exceeds this fraction: the matte would be
     #                           a guess, and the solve's cost grows with the unknown pixels
 
@@ -77,14 +78,10 @@ def load_rgb(path, size, mode="RGB"):
     """The image at `path` as a (size, size, 3) uint8 array (mode "L": (size, size)): short side resized
     to `size`, centre crop."""
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise Skip(f"unreadable image {path}: {e}") from None
-    scale = size / min(im.size)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size)))
+        image = read_image(path, mode)
+    except ImageError as e:
+        raise Skip(f"unreadable image {e}") from None
+    return np.asarray(center_crop(image, size, size))
 
 
 class CLIPSegSegmenter:
@@ -100,14 +97,35 @@ class CLIPSegSegmenter:
         return p[0, 0].numpy()
 
 
+def smooth_noise(rng, size, cells_y, cells_x=None):
+    """Value noise in [0, 1]: a random (cells_y + 1, cells_x + 1) grid, bicubic-upsampled to size."""
+    grid = rng.random((cells_y + 1, (cells_x or cells_y) + 1)).astype(np.float32)
+    return np.clip(np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC)), 0, 1)
+
+
+def confidence_from_mask(mask, rng):
+    """A CLIPSeg-like confidence map in [0, 1] from a true mask: what a segmenter that saw the
+    picture through a coarse token grid would say. Shifted by up to 1 px, blurred (edges lose
+    their place), dented by low-frequency noise (parts of the subject judged less sure) and pushed
+    through a soft threshold. Its p >= 0.6 region is the subject's core, give or take an edge, so
+    matting.trimap_from_confidence turns it into a sensible trimap. Sizes are relative to 64 px."""
+    size = mask.shape[0]
+    px = size / 64
+    p = ndi.shift(mask.astype(np.float64), rng.uniform(-1.0, 1.0, 2) * px, order=1, mode="constant")
+    p = ndi.gaussian_filter(p, rng.uniform(0.8, 1.6) * px)
+    p = p + 0.25 * (smooth_noise(rng, size, 4) - 0.5)
+    p = 1 / (1 + np.exp(-rng.uniform(8, 12) * (p - rng.uniform(0.4, 0.55))))
+    return (p * rng.uniform(0.9, 1.0)).astype(np.float32)
+
+
 class MaskSegmenter:
-    """The toy world's stand-in for CLIPSeg: the item's true mask degraded as CLIPSeg's confidence
-    would be (shifted, blurred, dented, soft-thresholded: toyworld.confidence_from_mask), seeded per
-    item. The matting then has the same work to do as on a photograph."""
+    """For data with true masks (the toy world's): the item's mask degraded as CLIPSeg's confidence
+    would be (confidence_from_mask), seeded per item, so the matting has the same work to do as on a
+    photograph."""
 
     def __call__(self, image, item):
         mask = load_rgb(item["mask"], image.shape[0], mode="L") / 255.0
-        return toyworld.confidence_from_mask(mask, np.random.default_rng(item["seed"]))
+        return confidence_from_mask(mask, np.random.default_rng(item["seed"]))
 
 
 def make_trimap(p, settings):

@@ -86,7 +86,7 @@ def write_outputs(path, array):
 
 
 def check_control(args):
-    """The control map (a PIL image) for --control, or None; the Canny edges are made here."""
+    """The control image (a PIL image) for --control, or None, read and checked before any work."""
     if args.control is None:
         if args.control_image:
             raise InputError("--control-image needs --control canny (edges of a photo) or --control image (a map)")
@@ -97,11 +97,15 @@ def check_control(args):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"{folder}: no ControlNet there; give --controlnet DIR (e.g. weights/sd-controlnet-canny, "
                          f"see weights/README.md)")
-    image = read_images(args.control_image)[0]
+    return read_images(args.control_image)[0]
+
+
+def control_map(args, image):
+    """--control image: the map as it is; canny: the edges of the photo at the size generated (known
+    once the model is read), so the structure lands where it is in the photo."""
     if args.control == "image":
         return image
     from controlnet import canny_control_image
-    # Edges of the photo at the size generated, so the structure lands where it is in the photo.
     return canny_control_image(image.resize((args.width, args.height), Image.BICUBIC), args.canny_low, args.canny_high)
 
 
@@ -217,6 +221,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
+    if control is not None:
+        control = control._replace(image=control_map(args, control.image))
     sampling = Sampling(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
                         scheduler=args.scheduler, num_images=args.num_images, negative_prompt=args.negative_prompt)
     if args.edit_word:

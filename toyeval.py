@@ -11,12 +11,18 @@ lost before the UNet: in the frozen image tower, or in the subject embeddings.
 
     python toyworld.py evaluate --weights weights/toy --json toy_eval.json --sheet toy_eval.png
     python toyworld.py probe --weights weights/toy
+
+It also holds the toy world's command line (`python toyworld.py show|data|examples|train-oracle|
+eval-oracle|evaluate|probe`), here because its commands build on the world (toyworld.py), the oracle
+(oracle.py) and this evaluation, which toyworld.py runs as its entry point.
 """
 
+import argparse
 import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,9 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import oracle
+import toyworld
 import train
 from blipdiff import BlipDiffusion, preprocess_subject
-from checkpoint import write_atomically
+from checkpoint import CheckpointError, write_atomically
 from oracle import load_oracle
 from toyworld import CONTEXTS, WorldConfig, batch, identities, render
 
@@ -257,3 +265,85 @@ def probe(args):
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[a]:.3f}" for a in PROBED) + " |")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world's command line
+# ---------------------------------------------------------------------------------------------
+
+def main():
+    """`python toyworld.py COMMAND`: the toy world's command line (toyworld.py's entry point)."""
+    parser = argparse.ArgumentParser(description="The toy world: pictures of known subjects, and their attribute oracle.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("show", help="write a contact sheet of example pictures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="sheet.png", help="PNG to write")
+    p.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="whose identities to draw")
+    p.add_argument("--columns", type=int, default=8, help="pictures per context")
+    p.add_argument("--size", type=int, default=WorldConfig.size, help="pixels per picture")
+    p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
+    p.add_argument("--masks", action="store_true", help="show each true mask and a degraded confidence beside the picture")
+    p.add_argument("--seed", type=int, default=0, help="fixes every picture of the sheet")
+    p = sub.add_parser("data", help="write a training set (pictures, masks, backgrounds, manifests) to a folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write (replaced as a whole when done)")
+    p.add_argument("--n", type=int, default=20000, help="pictures of training identities")
+    p.add_argument("--backgrounds", type=int, default=400, help="subject-free pictures, the contexts in turn")
+    p.add_argument("--inputs", action="store_true",
+                   help="also stage 2's pairs made with the true masks (inputs/, subject.jsonl), as examples/toy-data has")
+    p.add_argument("--seed", type=int, default=0, help="fixes every picture")
+    p = sub.add_parser("examples", help="write the README's held-out subject pictures")
+    p.add_argument("--out", default="examples", help="folder to write them in")
+    p = sub.add_parser("train-oracle", help="train the attribute oracle on fresh train-split pictures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="weights/toy/oracle.safetensors", help="safetensors file to write")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps, each on a fresh batch; the shipped weights")
+    p.add_argument("--batch-size", type=int, default=64, help="pictures per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak of a one-cycle schedule")
+    p.add_argument("--eval-n", type=int, default=2000, help="fresh pictures per split for the final accuracy")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="fixes the initial weights and every training picture")
+    p = sub.add_parser("eval-oracle", help="per-attribute accuracy of a trained oracle on fresh pictures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="weights/toy/oracle.safetensors", help="an oracle saved by train-oracle")
+    p.add_argument("--n", type=int, default=2000, help="fresh pictures per split")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=1234, help="fixes the pictures; not the training seed, so they are fresh")
+    p = sub.add_parser("evaluate", help="the toy Table 1: held-out subjects by text only, zero-shot and fine-tuned",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="weights/toy", help="a BLIP-Diffusion folder in the published layout")
+    p.add_argument("--oracle", default="weights/toy/oracle.safetensors", help="the attribute oracle (train-oracle's)")
+    p.add_argument("--subjects", type=int, default=30,
+                   help="held-out identities (the first of a seeded permutation); 30, as DreamBench has")
+    p.add_argument("--contexts", type=int, default=len(CONTEXTS), help="prompts: the first K contexts")
+    p.add_argument("--refs", type=int, default=3, help="reference pictures per subject, each in another context")
+    # Sampling as sample.py's defaults, so the table describes what a user gets.
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
+    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm", help="pndm: the published scheduler")
+    p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
+    p.add_argument("--finetune-lr", type=float, default=2e-4,
+                   help="fine-tuning lr; the toy model is small (LAVIS' 5e-6 is for the published model)")
+    p.add_argument("--finetune-min-snr", type=float, default=5.0,
+                   help="fine-tuning's min-SNR-γ loss weights (train.py --min-snr), as stage 2 trained; 0: off, as LAVIS")
+    p.add_argument("--seed", type=int, default=0, help="fixes the subjects, their references and every generation")
+    p.add_argument("--sheet", default="toy_eval.png", help="PNG: per subject a row per method, reference then contexts")
+    p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
+    p.add_argument("--sheet-subjects", type=int, default=0, help="subjects drawn on the sheet, the first K (0: all)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    p = sub.add_parser("probe", help="linear probes: category, colour, pattern read off the image tower and subject embeddings",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="weights/toy", help="a BLIP-Diffusion folder in the published layout")
+    p.add_argument("--n", type=int, default=2000, help="training-identity pictures to fit on (a quarter as many held-out ones to test)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the pictures and the probes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    args = parser.parse_args()
+    commands = {"show": toyworld.show, "data": toyworld.write_data, "examples": toyworld.write_examples,
+                "train-oracle": oracle.train_oracle, "eval-oracle": oracle.eval_oracle,
+                "evaluate": evaluate, "probe": probe}
+    try:
+        commands[args.command](args)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")

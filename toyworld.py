@@ -31,23 +31,21 @@ visible on a background of its own colour (a green ball on grass, a white one in
     python toyworld.py probe --weights weights/toy      # what the image tower and subject embeddings hold
 """
 
-import argparse
 import functools
 import itertools
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
-import scipy.ndimage as ndi
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, write_atomically, write_folder_atomically
+from checkpoint import write_atomically, write_folder_atomically
+from pairs import confidence_from_mask, smooth_noise
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -236,12 +234,6 @@ def draw_subject(identity, rng, size, cfg=WorldConfig()):
 # Contexts: procedural backgrounds, (H, W, 3) in [0, 1]
 # ---------------------------------------------------------------------------------------------
 
-def smooth_noise(rng, size, cells_y, cells_x=None):
-    """Value noise in [0, 1]: a random (cells_y + 1, cells_x + 1) grid, bicubic-upsampled to size."""
-    grid = rng.random((cells_y + 1, (cells_x or cells_y) + 1)).astype(np.float32)
-    return np.clip(np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC)), 0, 1)
-
-
 def vertical_gradient(size, top, bottom, start=0.0, stop=1.0):
     t = np.clip((np.arange(size) / (size - 1) - start) / max(stop - start, 1e-6), 0, 1)[:, None, None]
     return np.broadcast_to(np.array(top) + t * (np.array(bottom) - np.array(top)), (size, size, 3))
@@ -348,21 +340,6 @@ def sample(rng, split="train", cfg=WorldConfig()):
     return render(identity, CONTEXTS[rng.integers(len(CONTEXTS))], rng, cfg.size, cfg)
 
 
-def confidence_from_mask(mask, rng):
-    """A CLIPSeg-like confidence map in [0, 1] from a true mask: what a segmenter that saw the
-    picture through a coarse token grid would say. Shifted by up to 1 px, blurred (edges lose
-    their place), dented by low-frequency noise (parts of the subject judged less sure) and pushed
-    through a soft threshold. Its p >= 0.6 region is the subject's core, give or take an edge, so
-    matting.trimap_from_confidence turns it into a sensible trimap."""
-    size = mask.shape[0]
-    px = size / 64
-    p = ndi.shift(mask.astype(np.float64), rng.uniform(-1.0, 1.0, 2) * px, order=1, mode="constant")
-    p = ndi.gaussian_filter(p, rng.uniform(0.8, 1.6) * px)
-    p = p + 0.25 * (smooth_noise(rng, size, 4) - 0.5)
-    p = 1 / (1 + np.exp(-rng.uniform(8, 12) * (p - rng.uniform(0.4, 0.55))))
-    return (p * rng.uniform(0.9, 1.0)).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Labels: what the oracle (oracle.py) reads back, and fresh labelled batches
 # ---------------------------------------------------------------------------------------------
@@ -386,17 +363,29 @@ def batch(rng, n, split="train", cfg=WorldConfig()):
     return x, {name: torch.tensor([y[name] for y in ys]) for name in default_heads()}, samples
 
 
+def paste_on_other_context(s, rng):
+    """Stage 2's prompted-context input made with the world's true mask: the subject of sample `s`
+    pasted on a fresh picture of another context (pairs.py does this with CLIPSeg and matting)."""
+    other = CONTEXTS[(CONTEXTS.index(s.attributes["context"]) + rng.integers(1, len(CONTEXTS))) % len(CONTEXTS)]
+    back = background(other, rng, s.image.height)
+    composite = back + s.mask[..., None] * (np.asarray(s.image, np.float32) / 255 - back)
+    return Image.fromarray(np.round(np.clip(composite, 0, 1) * 255).astype(np.uint8))
+
+
 def write_data(args):
     """A training set on disk, in the manifests train.py and pairs.py read: N pictures of training
     identities with their true masks, and pictures of every context with no subject (the backgrounds
     stage 2 pastes subjects on). records.jsonl captions the whole picture (stages 0 and 1); pairs.jsonl
-    gives pairs.py the context phrase as the caption, the prompt a user types for a subject."""
-    rng = np.random.default_rng(args.seed)
+    gives pairs.py the context phrase as the caption, the prompt a user types for a subject. With
+    --inputs, subject.jsonl holds stage 2's pairs made with the true mask (paste_on_other_context),
+    drawn from a generator of their own, so the pictures are the same with or without them."""
+    rng, paste_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
 
     def write(tmp):
-        for sub in ("images", "masks", "backgrounds"):
+        for sub in ("images", "masks", "backgrounds") + (("inputs",) if args.inputs else ()):
             os.makedirs(os.path.join(tmp, sub))
-        with open(os.path.join(tmp, "records.jsonl"), "w") as full, open(os.path.join(tmp, "pairs.jsonl"), "w") as ctx:
+        with open(os.path.join(tmp, "records.jsonl"), "w") as full, open(os.path.join(tmp, "pairs.jsonl"), "w") as ctx, \
+                open(os.path.join(tmp, "subject.jsonl") if args.inputs else os.devnull, "w") as pairs:
             for i in tqdm(range(args.n), desc="pictures", unit="image"):
                 s = sample(rng, "train")
                 name = f"{i:06d}.png"
@@ -405,6 +394,10 @@ def write_data(args):
                 rec = {"image": f"images/{name}", "mask": f"masks/{name}", "subject": s.category}
                 full.write(json.dumps({**rec, "caption": s.caption, "context": s.attributes["context"]}) + "\n")
                 ctx.write(json.dumps({**rec, "caption": s.attributes["context"]}) + "\n")
+                if args.inputs:
+                    paste_on_other_context(s, paste_rng).save(os.path.join(tmp, "inputs", name))
+                    pairs.write(json.dumps({"input": f"inputs/{name}", "target": f"images/{name}",
+                                            "subject": s.category, "caption": s.caption}) + "\n")
         for i in range(args.backgrounds):
             back = background(CONTEXTS[i % len(CONTEXTS)], rng, WorldConfig.size)
             Image.fromarray(np.round(np.clip(back, 0, 1) * 255).astype(np.uint8)).save(
@@ -412,7 +405,8 @@ def write_data(args):
 
     write_folder_atomically(args.out, write)
     print(f"wrote {args.n} pictures with masks and {args.backgrounds} backgrounds to {args.out} "
-          f"(records.jsonl for train.py, pairs.jsonl for pairs.py)")
+          f"(records.jsonl for train.py, pairs.jsonl for pairs.py"
+          + (", subject.jsonl for train.py --stage subject)" if args.inputs else ")"))
 
 
 # The README's subjects: held-out identities (never in training), one of a kind each.
@@ -458,84 +452,8 @@ def show(args):
     print(f"wrote a contact sheet of {len(CONTEXTS) * per} pictures ({size} px, one row per context) to {args.out}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description="The toy world: pictures of known subjects, and their attribute oracle.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("show", help="write a contact sheet of example pictures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="sheet.png", help="PNG to write")
-    p.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="whose identities to draw")
-    p.add_argument("--columns", type=int, default=8, help="pictures per context")
-    p.add_argument("--size", type=int, default=WorldConfig.size, help="pixels per picture")
-    p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
-    p.add_argument("--masks", action="store_true", help="show each true mask and a degraded confidence beside the picture")
-    p.add_argument("--seed", type=int, default=0, help="fixes every picture of the sheet")
-    p = sub.add_parser("data", help="write a training set (pictures, masks, backgrounds, manifests) to a folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="folder to write (replaced as a whole when done)")
-    p.add_argument("--n", type=int, default=20000, help="pictures of training identities")
-    p.add_argument("--backgrounds", type=int, default=400, help="subject-free pictures, the contexts in turn")
-    p.add_argument("--seed", type=int, default=0, help="fixes every picture")
-    p = sub.add_parser("examples", help="write the README's held-out subject pictures")
-    p.add_argument("--out", default="examples", help="folder to write them in")
-    p = sub.add_parser("train-oracle", help="train the attribute oracle on fresh train-split pictures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="weights/toy/oracle.safetensors", help="safetensors file to write")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps, each on a fresh batch; the shipped weights")
-    p.add_argument("--batch-size", type=int, default=64, help="pictures per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak of a one-cycle schedule")
-    p.add_argument("--eval-n", type=int, default=2000, help="fresh pictures per split for the final accuracy")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="fixes the initial weights and every training picture")
-    p = sub.add_parser("eval-oracle", help="per-attribute accuracy of a trained oracle on fresh pictures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default="weights/toy/oracle.safetensors", help="an oracle saved by train-oracle")
-    p.add_argument("--n", type=int, default=2000, help="fresh pictures per split")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=1234, help="fixes the pictures; not the training seed, so they are fresh")
-    p = sub.add_parser("evaluate", help="the toy Table 1: held-out subjects by text only, zero-shot and fine-tuned",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default="weights/toy", help="a BLIP-Diffusion folder in the published layout")
-    p.add_argument("--oracle", default="weights/toy/oracle.safetensors", help="the attribute oracle (train-oracle's)")
-    p.add_argument("--subjects", type=int, default=30,
-                   help="held-out identities (the first of a seeded permutation); 30, as DreamBench has")
-    p.add_argument("--contexts", type=int, default=len(CONTEXTS), help="prompts: the first K contexts")
-    p.add_argument("--refs", type=int, default=3, help="reference pictures per subject, each in another context")
-    # Sampling as sample.py's defaults, so the table describes what a user gets.
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
-    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm", help="pndm: the published scheduler")
-    p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
-    p.add_argument("--finetune-lr", type=float, default=2e-4,
-                   help="fine-tuning lr; the toy model is small (LAVIS' 5e-6 is for the published model)")
-    p.add_argument("--finetune-min-snr", type=float, default=5.0,
-                   help="fine-tuning's min-SNR-γ loss weights (train.py --min-snr), as stage 2 trained; 0: off, as LAVIS")
-    p.add_argument("--seed", type=int, default=0, help="fixes the subjects, their references and every generation")
-    p.add_argument("--sheet", default="toy_eval.png", help="PNG: per subject a row per method, reference then contexts")
-    p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour enlargement of the sheet, for viewing")
-    p.add_argument("--sheet-subjects", type=int, default=0, help="subjects drawn on the sheet, the first K (0: all)")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
-    p = sub.add_parser("probe", help="linear probes: category, colour, pattern read off the image tower and subject embeddings",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default="weights/toy", help="a BLIP-Diffusion folder in the published layout")
-    p.add_argument("--n", type=int, default=2000, help="training-identity pictures to fit on (a quarter as many held-out ones to test)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the pictures and the probes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
-    args = parser.parse_args()
-    try:
-        if args.command in ("evaluate", "probe"):
-            import toyeval  # here: the world and its oracle need no diffusion model
-            getattr(toyeval, args.command)(args)
-        else:
-            import oracle
-            commands = {"show": show, "data": write_data, "examples": write_examples,
-                        "train-oracle": oracle.train_oracle, "eval-oracle": oracle.eval_oracle}
-            commands[args.command](args)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
+    # The commands include the oracle's and the evaluation's, which are built on this file; so the
+    # command line lives above them all, in toyeval.py, and this is only its entry point.
+    from toyeval import main
     main()

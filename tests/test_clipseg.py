@@ -93,7 +93,7 @@ def test_segment_equals_processor_and_model(tmp_path):
 
 
 def published_image_processor():
-    # CIDAS/clipseg-rd64-refined preprocessor_config.json (reference notes sec. 3.4).
+    # CIDAS/clipseg-rd64-refined's preprocessor_config.json: a 352x352 squash, ImageNet mean and std.
     return ViTImageProcessor(do_resize=True, size={"height": 352, "width": 352}, resample=2, do_rescale=True,
                              rescale_factor=1 / 255, do_normalize=True,
                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
@@ -124,7 +124,7 @@ def test_strict_loading_names_head_keys(tmp_path):
 
 
 def test_published_size():
-    # CIDAS/clipseg-rd64-refined config.json (reference notes sec. 3.2); the rest are transformers' defaults.
+    # CIDAS/clipseg-rd64-refined's config.json; the rest are transformers' defaults.
     published = RefConfig(text_config=dict(bos_token_id=0, eos_token_id=2), vision_config=dict(patch_size=16),
                           extract_layers=[3, 6, 9], reduce_dim=64, conditional_layer=0,
                           decoder_num_attention_heads=4, decoder_intermediate_size=2048,
@@ -136,7 +136,7 @@ def test_published_size():
     assert ours.state_dict().keys() == theirs.keys()
     assert all(v.shape == theirs[k].shape for k, v in ours.state_dict().items())
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
-    assert sum(p.numel() for p in ours.decoder.parameters()) == 1_127_009  # reference notes sec. 3.1
+    assert sum(p.numel() for p in ours.decoder.parameters()) == 1_127_009  # the published decoder's parameters
     assert ours.clip.vision_model.embeddings.position_embedding.weight.shape == (197, 768)
     # Our config reads the published config.json back to its own defaults.
     assert clipseg.CLIPSegConfig.from_dict(published.to_dict()) == clipseg.CLIPSegConfig()

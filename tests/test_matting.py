@@ -187,7 +187,7 @@ def test_cli_bad_input_is_one_line_error_and_writes_nothing(tmp_path, case):
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "image.png")
     trimap, message = {"different sizes": (np.zeros((11, 12), np.uint8), "12x10"),
                        "no known pixels": (np.full((10, 12), 128, np.uint8), "no known pixels"),
-                       "not an image": (None, "cannot read")}[case]
+                       "not an image": (None, "not an image")}[case]
     if trimap is None:
         (tmp_path / "trimap.png").write_text("not a PNG")
     else:

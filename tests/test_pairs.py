@@ -234,10 +234,11 @@ def test_bad_input_fails_before_any_work(data, monkeypatch, change, message):
 def test_toy_world_pairs_from_degraded_masks(tmp_path, monkeypatch):
     """--from-masks: the toy world's true masks, degraded as CLIPSeg's confidence would be, then
     trimap and matting as for photographs; the matted subject lands on the new background."""
+    import toyeval
     import toyworld
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "data", "--n", "6", "--backgrounds", "4",
                                       "--out", str(tmp_path / "toy")])
-    toyworld.main()
+    toyeval.main()
     out = tmp_path / "pairs"
     monkeypatch.setattr(sys, "argv", ["pairs.py", "--data", str(tmp_path / "toy" / "pairs.jsonl"), "--from-masks",
                                       "--backgrounds", str(tmp_path / "toy" / "backgrounds"), "--out", str(out),

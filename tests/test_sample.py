@@ -186,6 +186,17 @@ def test_canny_control_equals_the_api(with_controlnet, subject, tmp_path):
     assert np.abs(plain - np.load(tmp_path / "z.npy")).max() > 1e-4  # the control did something
 
 
+def test_canny_control_at_the_models_own_size(with_controlnet, subject, tmp_path):
+    """Without --height/--width the edges are taken at the model's resolution, known only once it is read."""
+    from blipdiff import BlipDiffusion
+    side = BlipDiffusion.from_pretrained(with_controlnet).resolution
+    argv = ["--weights", with_controlnet, "--subject", subject, "--subject-text", "dog", "--prompt", "at night",
+            "--steps", "2", "--control", "canny", "--control-image", photo(tmp_path / "photo.png"),
+            "--out", str(tmp_path / "x.npy")]
+    assert sample.main(argv) == 0
+    assert np.load(tmp_path / "x.npy").shape == (1, side, side, 3)
+
+
 def test_edit_generated_and_real_equal_the_api(tiny_pipeline, subject, tmp_path):
     import editing
     from blipdiff import BlipDiffusion

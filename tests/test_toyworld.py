@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import oracle as orc
+import toyeval
 import toyworld as tw
 from matting import trimap_from_confidence
+from pairs import confidence_from_mask
 
 ORACLE = os.path.join(os.path.dirname(__file__), "..", "weights", "toy", "oracle.safetensors")
 
@@ -73,7 +75,7 @@ def test_confidence_is_close_to_the_mask_but_not_equal():
     rng = np.random.default_rng(0)
     for _ in range(10):
         m = tw.sample(rng).mask
-        p = tw.confidence_from_mask(m, rng)
+        p = confidence_from_mask(m, rng)
         assert p.shape == m.shape and p.min() >= 0 and p.max() <= 1
         assert np.abs(p - m).mean() < 0.1 and np.abs(p - m).max() > 0.3
         inter, union = ((p >= 0.5) & (m > 0.5)).sum(), ((p >= 0.5) | (m > 0.5)).sum()
@@ -148,7 +150,7 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
         "toyworld.py", "evaluate", "--weights", str(tmp_path / "model"), "--oracle", ORACLE, "--subjects", "2",
         "--contexts", "2", "--refs", "2", "--steps", "2", "--finetune-steps", "2", "--threads", "1",
         "--sheet", str(sheet), "--sheet-subjects", "1", "--json", str(out)])
-    tw.main()
+    toyeval.main()
     printed = capsys.readouterr().out
     assert "| method | subject fidelity | prompt fidelity | oracle-feature cosine |" in printed
     result = json.loads(out.read_text())
@@ -169,7 +171,6 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
 
 
 def test_bootstrap_intervals_are_over_subjects():
-    import toyeval
     def gens(per_subject_hits, contexts=4):  # subject k: its first hits[k] generations keep the whole subject
         return [{"category": True, "color": i < h, "pattern": True} for h in per_subject_hits for i in range(contexts)]
     same = toyeval.bootstrap({"text-only": gens([0, 0]), "zero-shot": gens([2, 2]), "fine-tuned": gens([4, 4])}, 4)
@@ -185,11 +186,10 @@ def test_evaluate_says_what_is_missing(tmp_path, monkeypatch):
     import sys
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "evaluate", "--weights", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no BLIP-Diffusion model there"):
-        tw.main()
+        toyeval.main()
 
 
 def test_linear_probe_reads_what_the_features_hold():
-    import toyeval
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 5, (400,), generator=g)
     noise = torch.randn(400, 16, generator=g)
@@ -208,7 +208,7 @@ def test_probe_command_prints_a_row_per_feature(tmp_path, monkeypatch, capsys):
     train.tiny_model(str(tmp_path / "tiny_src")).save_pretrained(str(tmp_path / "model"))
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--weights", str(tmp_path / "model"), "--n", "40",
                                       "--threads", "1"])
-    tw.main()
+    toyeval.main()
     printed = capsys.readouterr().out
     assert "| features | category | colour | pattern |" in printed
     rows = [line for line in printed.splitlines() if line.startswith(("| image tower", "| subject embedding"))]
@@ -220,7 +220,31 @@ def test_probe_says_what_is_wrong(tmp_path, monkeypatch):
     import sys
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--weights", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no BLIP-Diffusion model there"):
-        tw.main()
+        toyeval.main()
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--n", "4"])
     with pytest.raises(SystemExit, match="--n must be at least 8"):
-        tw.main()
+        toyeval.main()
+
+
+def test_the_shipped_toy_data_is_what_the_command_writes(tmp_path):
+    """examples/toy-data (what train.py --data toy reads) is exactly the output of the command its
+    README names, run as a user runs it (toyworld.py's entry point), pictures and manifests alike."""
+    import json
+    import subprocess
+    import sys
+    from PIL import Image
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "toy-data"
+    subprocess.run([sys.executable, "toyworld.py", "data", "--n", "64", "--backgrounds", "0", "--inputs",
+                    "--out", str(out)], cwd=root, check=True, capture_output=True)
+    shipped = os.path.join(root, "examples", "toy-data")
+    for manifest in ("records.jsonl", "pairs.jsonl", "subject.jsonl"):
+        with open(out / manifest) as ours, open(os.path.join(shipped, manifest)) as theirs:
+            written, kept = [json.loads(line) for line in ours], [json.loads(line) for line in theirs]
+        assert written == kept and len(written) == 64
+    for rec in kept:  # subject.jsonl: every input and target picture
+        for key in ("input", "target"):
+            assert np.array_equal(np.asarray(Image.open(out / rec[key])),
+                                  np.asarray(Image.open(os.path.join(shipped, rec[key]))))
+    stage2 = kept[0]
+    assert set(stage2) == {"input", "target", "subject", "caption"} and stage2["subject"] in tw.CATEGORIES
