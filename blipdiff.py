@@ -352,7 +352,8 @@ class BlipDiffusion(nn.Module):
         terms = [(c.net, control_pixels(c.image, opt.height, opt.width).to(self.device, self.dtype), c.scale)
                  for c in controls]
         latents = initial_latents(n, self.latent_shape(opt.height, opt.width), opt.seed).to(self.device, self.dtype)
-        latents = denoise(self.unet, latents, text, sampler, uncond, guidance, terms, controller, progress=progress)
+        latents = denoise(self.unet, latents, text, sampler, uncond, guidance, control=terms, controller=controller,
+                          progress=progress)
         return self.decode(latents, output)
 
     def latent_shape(self, height, width):

@@ -202,15 +202,17 @@ def blend(latents, mask):
 # Sampling loops
 # ---------------------------------------------------------------------------------------------
 
-def edit_latents(model, latents, prompt, src_word, tgt_word, ctx_embeddings, sampler, sampling, edit,
-                 guide_source=True, callback=None, progress=False):
-    """Source and target from one latent (1, C, H, W) -> their final latents (2, C, H, W).
+def edit_latents(model, latents, prompt, words, ctx_embeddings, sampler, sampling, edit, guide_source=True,
+                 callback=None, progress=False):
+    """Source and target from one latent (1, C, H, W) -> their final latents (2, C, H, W); words is
+    (source word, target word).
 
     Windows as prompt-to-prompt counts them, in UNet evaluations: cross-attention for the first
     int(cross_replace·(steps + 1)), self-attention for the first int(self_replace·steps) (40 and 20 at
     50 steps). guide_source=False gives the source its unguided conditional ε, as LAVIS does for a real
     image, so that it retraces the DDIM inversion. callback(i, latents, mask) sees every step."""
-    tok, height, width, steps = model.tokenizer, latents.shape[-2], latents.shape[-1], sampling.steps
+    (src_word, tgt_word), tok = words, model.tokenizer
+    height, width, steps = latents.shape[-2], latents.shape[-1], sampling.steps
     guidance = model.guidance if sampling.guidance is None else sampling.guidance
     src_text, tgt_text = build_prompt(prompt, src_word, prompt_reps=1), build_prompt(prompt, tgt_word, prompt_reps=1)
     ctx = ctx_embeddings.to(model.device, model.dtype)
@@ -278,8 +280,8 @@ def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subje
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
     sampler = make_sampler(sampling.scheduler, sampling.steps, model.scheduler_config.get("steps_offset"))
     latents = initial_latents(1, model.latent_shape(sampling.height, sampling.width), sampling.seed)
-    latents = edit_latents(model, latents.to(model.device, model.dtype), prompt, src_word, tgt_word, ctx, sampler,
-                           sampling, edit, callback=callback, progress=progress)
+    latents = edit_latents(model, latents.to(model.device, model.dtype), prompt, (src_word, tgt_word), ctx,
+                           sampler, sampling=sampling, edit=edit, callback=callback, progress=progress)
     return tuple(model.decode(latents, output))  # (source or reconstruction, edited)
 
 
@@ -314,6 +316,6 @@ def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, sub
     # sofa" for "cat"), since its prompt builder iterates over what it takes for a list of words.
     text = model.encode_text([build_prompt(prompt, src_word, prompt_reps=1)])
     latents = ddim_invert(model.unet, latents, text, inversion_steps, progress)
-    latents = edit_latents(model, latents, prompt, src_word, tgt_word, ctx, DDIM(sampling.steps), sampling, edit,
-                           guide_source=False, callback=callback, progress=progress)
+    latents = edit_latents(model, latents, prompt, (src_word, tgt_word), ctx, DDIM(sampling.steps),
+                           sampling=sampling, edit=edit, guide_source=False, callback=callback, progress=progress)
     return tuple(model.decode(latents, output))  # (source or reconstruction, edited)
