@@ -28,7 +28,7 @@ from checkpoint import (WEIGHTS_HELP, CheckpointError, find_weights, read_json, 
                         write_part)
 from clip import CLIP_MEAN, CLIP_STD, CTX_BEGIN_POS, CLIPTextModel, CLIPTokenizer
 from controlnet import Control, control_pixels
-from data import center_crop as crop_to, to_rgb
+import data
 from diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, denoise, make_sampler
 from qformer import QFormer, QFormerTokenizer
 from unet import UNet
@@ -60,7 +60,12 @@ class Sampling:
 
 def sampling_options(sampling=None, **overrides):
     """A Sampling from `sampling` (or the defaults) with `overrides` (its field names) applied."""
+    if sampling is not None and not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a blipdiff.Sampling, got {sampling!r}; pass other arguments by name "
+                        f"(target_text=..., subject_weights=...)")
     unknown = set(overrides) - {f.name for f in fields(Sampling)}
+    if unknown & {"controlnet", "control_image", "control_scale"}:
+        raise TypeError("structure control is control=controlnet.Control(net, image, scale)")
     if unknown:
         raise TypeError(f"unknown sampling option(s) {', '.join(sorted(unknown))}; "
                         f"the options are {', '.join(f.name for f in fields(Sampling))}")
@@ -68,6 +73,7 @@ def sampling_options(sampling=None, **overrides):
 
 
 def check_size(height, width):
+    """Pictures are made at multiples of 8 (the VAE's downsampling at the published size)."""
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
 
@@ -83,8 +89,8 @@ def preprocess_subject(images, size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, ce
     h, w = size
     out = []
     for image in images:
-        image = to_rgb(image)
-        image = crop_to(image, h, w) if center_crop else image.resize((w, h), Image.BICUBIC)
+        image = data.to_rgb(image)
+        image = data.center_crop(image, h, w) if center_crop else image.resize((w, h), Image.BICUBIC)
         x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)
         x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
         out.append(torch.from_numpy(x).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
@@ -296,7 +302,7 @@ class BlipDiffusion(nn.Module):
         if n > length:
             warnings.warn(f"the {what} is {n} tokens; the model reads {length}, so it was truncated")
 
-    def subject_context(self, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
+    def subject_and_word(self, subject_images=None, subject_text=None, target_text=None, subject_weights=None,
                         ctx_embeddings=None, center_crop=False):
         """-> (subject embeddings (1, 16, D) or None for text only, the word written into the prompt).
         The subject comes from `ctx_embeddings`, else from images and their words, else from a
@@ -332,7 +338,7 @@ class BlipDiffusion(nn.Module):
         guidance = self.guidance if opt.guidance is None else opt.guidance
         check_size(opt.height, opt.width)
         sampler = make_sampler(opt.scheduler, opt.steps, self.scheduler_config.get("steps_offset"))
-        ctx, target_text = self.subject_context(subject_images, subject_text, target_text, subject_weights,
+        ctx, target_text = self.subject_and_word(subject_images, subject_text, target_text, subject_weights,
                                                 ctx_embeddings, center_crop)
         n = opt.num_images
         if ctx is not None:
@@ -349,7 +355,7 @@ class BlipDiffusion(nn.Module):
             raise ValueError("structure control needs a control image for each ControlNet (Control(net, image, scale))")
         # As the reference: each ControlNet sees the UNet's latents, timestep and the (subject-augmented)
         # text states, and its control image, resized to the output, on every row.
-        terms = [(c.net, control_pixels(c.image, opt.height, opt.width).to(self.device, self.dtype), c.scale)
+        terms = [c._replace(image=control_pixels(c.image, opt.height, opt.width).to(self.device, self.dtype))
                  for c in controls]
         latents = initial_latents(n, self.latent_shape(opt.height, opt.width), opt.seed).to(self.device, self.dtype)
         latents = denoise(self.unet, latents, text, sampler, uncond, guidance, control=terms, controller=controller,

@@ -55,7 +55,6 @@ def min_snr_weight(t, alphas, gamma):
     return snr.clamp(max=gamma) / snr
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Samplers: each step a short function of the paper's equation, each sampler a class with timesteps and step()
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +159,8 @@ def make_sampler(name, num_steps, pndm_steps_offset=None):
 def control_residuals(control, x, t, text):
     """The ControlNets' residuals for the UNet's skip connections and middle block: each ControlNet
     sees the UNet's input, timestep and text states, and its conditioning image on every row (the
-    unconditional rows too, as diffusers), scaled by its own scale; several are summed."""
+    unconditional rows too, as diffusers), scaled by its own scale; several are summed (diffusers'
+    MultiControlNetModel)."""
     down = mid = None
     for net, image, scale in control:
         d, m = net(x, t, text, image.expand(len(x), -1, -1, -1), scale)
@@ -170,16 +170,21 @@ def control_residuals(control, x, t, text):
 
 
 @torch.no_grad()
-def denoise(unet, latents, text, sampler, uncond=None, guidance=1.0, control=(), controller=None,
+def denoise(unet, latents, text, sampler, uncond=None, guidance=None, control=(), controller=None,
             after_step=None, progress=False):
     """x_T -> x_0: at each of the sampler's timesteps, ε from the UNet, then a sampler step.
 
     text: the conditional text states (B, L, D). With `uncond` (B, L, D), classifier-free guidance
-    (Ho & Salimans 2022) on the batch [uncond, cond]: ε = ε_u + g·(ε_c − ε_u), g one number or one
-    per sample; without it, ε = ε_c. control: (ControlNet, conditioning image (1, 3, H, W), scale)
-    triples. controller(probs, place) -> probs sees every attention map (unet.Attention).
-    after_step(i, latents) -> latents runs after step i (editing's local blend)."""
-    g = torch.as_tensor(guidance, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1, 1)
+    (Ho & Salimans 2022) on the batch [uncond, cond]: ε = ε_u + g·(ε_c − ε_u), `guidance` g one
+    number or one per sample; without it, ε = ε_c. control: controlnet.Control triples (ControlNet,
+    its conditioning image as a (1, 3, 8H, 8W) tensor, scale). controller(probs, place) -> probs sees
+    every attention map (unet.Attention). after_step(i, latents) -> latents runs after step i
+    (editing's local blend)."""
+    if uncond is not None and guidance is None:
+        raise ValueError("classifier-free guidance (uncond given) needs a guidance scale")
+    # One scale stays a Python number, as diffusers applies it (a cast to fp16 or bf16 would round it).
+    g = guidance if uncond is None or isinstance(guidance, (int, float)) else torch.as_tensor(
+        guidance, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1, 1)
     states = text if uncond is None else torch.cat([uncond, text])
     for i, t in enumerate(tqdm(sampler.timesteps, desc="denoising", disable=not progress)):
         x = latents if uncond is None else torch.cat([latents] * 2)

@@ -48,10 +48,22 @@ class Edit:
     self_downsample: Optional[int] = None
 
 
-def split_options(options):
-    """Keyword options -> (those of Sampling, those of Edit)."""
-    edit = {f.name for f in fields(Edit)}
-    return {k: v for k, v in options.items() if k not in edit}, {k: v for k, v in options.items() if k in edit}
+# The Sampling fields editing reads: one picture, from one copy of the prompt (as LAVIS' editing).
+EDIT_SAMPLING = ("steps", "guidance", "seed", "height", "width", "scheduler", "negative_prompt")
+
+
+def edit_options(sampling, edit, options):
+    """(Sampling, Edit) from the ones given (or the defaults) with keyword `options` applied, each to
+    the dataclass that has the field."""
+    edit_fields = {f.name for f in fields(Edit)}
+    unknown = set(options) - edit_fields - set(EDIT_SAMPLING)
+    if unknown:
+        raise TypeError(f"unknown editing option(s) {', '.join(sorted(unknown))}; the options are "
+                        f"{', '.join(EDIT_SAMPLING + tuple(sorted(edit_fields)))}")
+    sampling = sampling_options(sampling, **{k: v for k, v in options.items() if k not in edit_fields})
+    if sampling.num_images != 1:
+        raise ValueError("editing makes one picture: num_images must be 1")
+    return sampling, replace(edit or Edit(), **{k: v for k, v in options.items() if k in edit_fields})
 
 
 def coarsest_cross_attention_level(unet):
@@ -199,13 +211,15 @@ def blend(latents, mask):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling loops
+# The two branches, denoised together
 # ---------------------------------------------------------------------------------------------
 
 def edit_latents(model, latents, prompt, words, ctx_embeddings, sampler, sampling, edit, guide_source=True,
                  callback=None, progress=False):
-    """Source and target from one latent (1, C, H, W) -> their final latents (2, C, H, W); words is
-    (source word, target word).
+    """Source and target from one latent (1, C, H, W) -> their final latents (2, C, H, W), denoised by
+    `sampler` as one batch. words: (source word, target word). From `sampling` it reads the steps,
+    the guidance scale (None: the model's own) and the negative prompt; from `edit` the windows,
+    the mask's threshold and the levels.
 
     Windows as prompt-to-prompt counts them, in UNet evaluations: cross-attention for the first
     int(cross_replace·(steps + 1)), self-attention for the first int(self_replace·steps) (40 and 20 at
@@ -275,8 +289,7 @@ def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subje
     `options` too (steps=, seed=, threshold=, ...). LAVIS' default is 250 steps; ours 50, as its
     notebooks. scheduler="ddim" works here (LAVIS' use_ddim path indexes a 2-sample batch at 2 and
     crashes); both branches are guided."""
-    sample_opts, edit_opts = split_options(options)
-    sampling, edit = sampling_options(sampling, **sample_opts), replace(edit or Edit(), **edit_opts)
+    sampling, edit = edit_options(sampling, edit, options)
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
     sampler = make_sampler(sampling.scheduler, sampling.steps, model.scheduler_config.get("steps_offset"))
     latents = initial_latents(1, model.latent_shape(sampling.height, sampling.width), sampling.seed)
@@ -298,24 +311,24 @@ def image_to_latent(model, image, height, width):
 
 @torch.no_grad()
 def edit_real(model, image, prompt, src_word, tgt_word, subject_images=None, subject_text=None,
-              ctx_embeddings=None, sampling=None, edit=None, inversion_steps=50, output="pil", callback=None,
+              ctx_embeddings=None, sampling=None, edit=None, inversion_steps=None, output="pil", callback=None,
               progress=True, **options):
     """Edit a photo where `src_word` is ("a {src_word} {prompt}" describes it) into the subject as
     `tgt_word`. Returns (reconstruction, edited).
 
     VAE latent -> DDIM inversion under the source prompt, no guidance -> the edit, with DDIM (η = 0).
     The source branch uses its unguided ε, the exact reverse of the inversion, so it reconstructs the
-    photo; the target is guided. Keep inversion_steps = steps: otherwise the inversion ends at another
-    noise level than the sampling starts from (LAVIS allows it too). Options as edit_generated's
-    (seed and scheduler play no part: the noise is the photo's, the sampler DDIM)."""
-    sample_opts, edit_opts = split_options(options)
-    sampling, edit = sampling_options(sampling, **sample_opts), replace(edit or Edit(), **edit_opts)
+    photo; the target is guided. inversion_steps defaults to the sampling's steps: with another
+    number the inversion ends at another noise level than the sampling starts from (LAVIS allows
+    it, with 50 inversion steps whatever the sampling's). Options as edit_generated's (seed and
+    scheduler play no part: the noise is the photo's, the sampler DDIM)."""
+    sampling, edit = edit_options(sampling, edit, options)
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
     latents = image_to_latent(model, image, sampling.height, sampling.width)
     # The whole source word; LAVIS builds this prompt with the word's first character ("a c sit on a
     # sofa" for "cat"), since its prompt builder iterates over what it takes for a list of words.
     text = model.encode_text([build_prompt(prompt, src_word, prompt_reps=1)])
-    latents = ddim_invert(model.unet, latents, text, inversion_steps, progress)
+    latents = ddim_invert(model.unet, latents, text, inversion_steps or sampling.steps, progress)
     latents = edit_latents(model, latents, prompt, (src_word, tgt_word), ctx, DDIM(sampling.steps),
                            sampling=sampling, edit=edit, guide_source=False, callback=callback, progress=progress)
     return tuple(model.decode(latents, output))  # (source or reconstruction, edited)

@@ -1,6 +1,6 @@
 """Closed-form alpha matting, foreground estimation and compositing for prompted context generation.
 
-BLIP-Diffusion's stage-2 data (Li et al. 2023, sec. 3.3, "prompted context generation") cuts the
+BLIP-Diffusion's stage-2 data (Li et al. 2023, sec. 3.2, "prompted context generation") cuts the
 subject out of an image with CLIPSeg, turns the confidence map into a trimap, refines it with
 closed-form matting and pastes the subject onto a random background. This file is the last three
 steps: the trimap rule, the matte and the composite.
@@ -125,16 +125,14 @@ def estimate_alpha(image, trimap, eps=EPS):
 
     Solver: a sparse LDL^T-style direct factorisation with SuperLU (`splu`) of the unknown-only
     system, in symmetric mode (minimum degree on A^T + A, no pivoting: L_uu is symmetric positive
-    definite, so pivoting buys nothing and only breaks the symmetric ordering). We chose it over
-    preconditioned CG because scipy has no incomplete Cholesky, which is what makes pymatting's CG
-    converge in ~6 iterations; what scipy offers measured worse on a 0.26 MP synthetic image
-    (76k unknowns, 2 cores): Jacobi-CG needs ~1,350 iterations (tens of seconds), CG with an
-    overlapping block preconditioner (128 px tiles factored by splu) 18 iterations and 2.8 s,
-    spilu is not symmetric so CG may diverge, while this factorisation takes 1.2 s. The default
-    `spsolve` (COLAMD ordering with partial pivoting) is a slower, memory-hungrier direct solve;
-    symmetric mode is what makes the difference. Its cost grows like n^1.5 in the number of
-    unknowns n, so keep the unknown band narrow (the trimap rule's job). Against pymatting:
-    bench_matting.py, figures in docs/benchmarks.md.
+    definite, so pivoting buys nothing and only breaks the symmetric ordering). Not conjugate
+    gradients, as pymatting: what makes its CG converge in a few iterations is an incomplete
+    Cholesky preconditioner, which scipy lacks, and the preconditioners scipy has converge far
+    slower than this factorisation (spilu is not even symmetric). The default `spsolve` (COLAMD
+    ordering with partial pivoting) is a slower, memory-hungrier direct solve; symmetric mode is
+    what makes the difference. Its cost grows like n^1.5 in the number of unknowns n, so keep the
+    unknown band narrow (the trimap rule's job). Against pymatting: bench_matting.py, figures in
+    docs/benchmarks.md.
     """
     image = np.asarray(image, dtype=np.float64)
     h, w = image.shape[:2]

@@ -4,7 +4,7 @@ toy Table 1 (toyeval.py), and its penultimate features stand in for DINO's in co
 Half its training pictures are softened first (`degrade`), as soft as a generation is, so a faithful
 but blurred picture is not scored as a miss.
 
-    python toyworld.py train-oracle --out weights/toy/oracle.safetensors   # about 17 min on one core
+    python toyworld.py train-oracle --out weights/toy/oracle.safetensors   # time: docs/benchmarks.md
     python toyworld.py eval-oracle --weights weights/toy/oracle.safetensors
 """
 

@@ -80,7 +80,7 @@ def load_rgb(path, size, mode="RGB"):
     try:
         image = read_image(path, mode)
     except ImageError as e:
-        raise Skip(f"unreadable image {e}") from None
+        raise Skip(f"unreadable image: {e}") from None
     return np.asarray(center_crop(image, size, size))
 
 
@@ -97,12 +97,6 @@ class CLIPSegSegmenter:
         return p[0, 0].numpy()
 
 
-def smooth_noise(rng, size, cells_y, cells_x=None):
-    """Value noise in [0, 1]: a random (cells_y + 1, cells_x + 1) grid, bicubic-upsampled to size."""
-    grid = rng.random((cells_y + 1, (cells_x or cells_y) + 1)).astype(np.float32)
-    return np.clip(np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC)), 0, 1)
-
-
 def confidence_from_mask(mask, rng):
     """A CLIPSeg-like confidence map in [0, 1] from a true mask: what a segmenter that saw the
     picture through a coarse token grid would say. Shifted by up to 1 px, blurred (edges lose
@@ -113,7 +107,8 @@ def confidence_from_mask(mask, rng):
     px = size / 64
     p = ndi.shift(mask.astype(np.float64), rng.uniform(-1.0, 1.0, 2) * px, order=1, mode="constant")
     p = ndi.gaussian_filter(p, rng.uniform(0.8, 1.6) * px)
-    p = p + 0.25 * (smooth_noise(rng, size, 4) - 0.5)
+    dents = np.asarray(Image.fromarray(rng.random((5, 5)).astype(np.float32)).resize((size, size), Image.BICUBIC))
+    p = p + 0.25 * (np.clip(dents, 0, 1) - 0.5)  # value noise: a random 5 x 5 grid, upsampled
     p = 1 / (1 + np.exp(-rng.uniform(8, 12) * (p - rng.uniform(0.4, 0.55))))
     return (p * rng.uniform(0.9, 1.0)).astype(np.float32)
 

@@ -195,7 +195,7 @@ def main(argv=None):
             raise InputError(f"{len(args.subject)} --subject but {len(args.subject_weight)} --subject-weight: give one per subject")
         check_output(args.out)
         subjects = [read_images(path) for path in args.subject]
-        control = check_control(args)
+        control_image = check_control(args)
         edit_image = check_edit(args, subjects)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -213,16 +213,19 @@ def main(argv=None):
     start = time.time()
     try:
         model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
-        if control is not None:
-            from controlnet import Control, ControlNet
+        controlnet = None
+        if control_image is not None:
+            from controlnet import ControlNet
             controlnet = ControlNet.from_pretrained(args.controlnet or os.path.join(args.weights, "controlnet"))
-            control = Control(controlnet.to(device, dtype), control, args.control_scale)
+            controlnet.to(device, dtype)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
-    if control is not None:
-        control = control._replace(image=control_map(args, control.image))
+    control = None
+    if controlnet is not None:
+        from controlnet import Control
+        control = Control(controlnet, control_map(args, control_image), args.control_scale)
     sampling = Sampling(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
                         scheduler=args.scheduler, num_images=args.num_images, negative_prompt=args.negative_prompt)
     if args.edit_word:

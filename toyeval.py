@@ -32,13 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import oracle
-import toyworld
 import train
 from blipdiff import BlipDiffusion, preprocess_subject
 from checkpoint import CheckpointError, write_atomically
-from oracle import load_oracle
-from toyworld import CONTEXTS, WorldConfig, batch, identities, render
+from oracle import eval_oracle, load_oracle, train_oracle
+from toyworld import CONTEXTS, WorldConfig, batch, identities, render, show, write_data, write_examples
 
 
 METHODS = ("text-only", "zero-shot", "fine-tuned")  # the rows: no subject, reference images, fine-tuned
@@ -340,9 +338,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="fixes the pictures and the probes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     args = parser.parse_args()
-    commands = {"show": toyworld.show, "data": toyworld.write_data, "examples": toyworld.write_examples,
-                "train-oracle": oracle.train_oracle, "eval-oracle": oracle.eval_oracle,
-                "evaluate": evaluate, "probe": probe}
+    commands = {"show": show, "data": write_data, "examples": write_examples, "train-oracle": train_oracle,
+                "eval-oracle": eval_oracle, "evaluate": evaluate, "probe": probe}
     try:
         commands[args.command](args)
     except (CheckpointError, ValueError) as e:

@@ -26,6 +26,7 @@ visible on a background of its own colour (a green ball on grass, a white one in
     python toyworld.py train-oracle --out weights/toy/oracle.safetensors
     python toyworld.py eval-oracle --weights weights/toy/oracle.safetensors
     python toyworld.py data --out runs/toy/data          # a training set on disk (toymodel.py runs it)
+    python toyworld.py data --n 64 --backgrounds 0 --inputs --out examples/toy-data   # train.py --data toy
     python toyworld.py examples                          # examples/: the README's held-out subjects
     python toyworld.py evaluate --weights weights/toy   # the toy Table 1, read by the oracle (toyeval.py)
     python toyworld.py probe --weights weights/toy      # what the image tower and subject embeddings hold
@@ -45,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import write_atomically, write_folder_atomically
-from pairs import confidence_from_mask, smooth_noise
+from pairs import confidence_from_mask
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -234,6 +235,12 @@ def draw_subject(identity, rng, size, cfg=WorldConfig()):
 # Contexts: procedural backgrounds, (H, W, 3) in [0, 1]
 # ---------------------------------------------------------------------------------------------
 
+def smooth_noise(rng, size, cells_y, cells_x=None):
+    """Value noise in [0, 1]: a random (cells_y + 1, cells_x + 1) grid, bicubic-upsampled to size."""
+    grid = rng.random((cells_y + 1, (cells_x or cells_y) + 1)).astype(np.float32)
+    return np.clip(np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC)), 0, 1)
+
+
 def vertical_gradient(size, top, bottom, start=0.0, stop=1.0):
     t = np.clip((np.arange(size) / (size - 1) - start) / max(stop - start, 1e-6), 0, 1)[:, None, None]
     return np.broadcast_to(np.array(top) + t * (np.array(bottom) - np.array(top)), (size, size, 3))
@@ -384,20 +391,23 @@ def write_data(args):
     def write(tmp):
         for sub in ("images", "masks", "backgrounds") + (("inputs",) if args.inputs else ()):
             os.makedirs(os.path.join(tmp, sub))
-        with open(os.path.join(tmp, "records.jsonl"), "w") as full, open(os.path.join(tmp, "pairs.jsonl"), "w") as ctx, \
-                open(os.path.join(tmp, "subject.jsonl") if args.inputs else os.devnull, "w") as pairs:
+        stage2 = []
+        with open(os.path.join(tmp, "records.jsonl"), "w") as records, open(os.path.join(tmp, "pairs.jsonl"), "w") as pairs:
             for i in tqdm(range(args.n), desc="pictures", unit="image"):
                 s = sample(rng, "train")
                 name = f"{i:06d}.png"
                 s.image.save(os.path.join(tmp, "images", name))
                 Image.fromarray(np.round(s.mask * 255).astype(np.uint8)).save(os.path.join(tmp, "masks", name))
                 rec = {"image": f"images/{name}", "mask": f"masks/{name}", "subject": s.category}
-                full.write(json.dumps({**rec, "caption": s.caption, "context": s.attributes["context"]}) + "\n")
-                ctx.write(json.dumps({**rec, "caption": s.attributes["context"]}) + "\n")
+                records.write(json.dumps({**rec, "caption": s.caption, "context": s.attributes["context"]}) + "\n")
+                pairs.write(json.dumps({**rec, "caption": s.attributes["context"]}) + "\n")
                 if args.inputs:
                     paste_on_other_context(s, paste_rng).save(os.path.join(tmp, "inputs", name))
-                    pairs.write(json.dumps({"input": f"inputs/{name}", "target": f"images/{name}",
-                                            "subject": s.category, "caption": s.caption}) + "\n")
+                    stage2.append({"input": f"inputs/{name}", "target": f"images/{name}", "subject": s.category,
+                                   "caption": s.caption})
+        if args.inputs:
+            with open(os.path.join(tmp, "subject.jsonl"), "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in stage2)
         for i in range(args.backgrounds):
             back = background(CONTEXTS[i % len(CONTEXTS)], rng, WorldConfig.size)
             Image.fromarray(np.round(np.clip(back, 0, 1) * 255).astype(np.uint8)).save(

@@ -149,6 +149,20 @@ def test_zero_control_scale_is_plain_generation(models):
         ours.generate("at night", [picture(1)], "dog", control=Control(controlnet, None), **kw)
 
 
+def test_several_controlnets_sum_their_scaled_residuals(models):
+    """A list of Controls adds each ControlNet's residuals times its own scale: the same net twice at
+    half scale is that net once at full scale; a second net at scale 0 changes nothing."""
+    _, ours, controlnet = models
+    kw = dict(steps=2, seed=3, output="np", progress=False, **SIZE)
+    edges = canny_control_image(disc(), 30, 70)
+    once = ours.generate("at night", [picture(1)], "dog", control=Control(controlnet, edges), **kw)
+    halves = ours.generate("at night", [picture(1)], "dog",
+                           control=[Control(controlnet, edges, 0.5), Control(controlnet, edges, 0.5)], **kw)
+    idle = ours.generate("at night", [picture(1)], "dog",
+                         control=[Control(controlnet, edges), Control(controlnet, picture(2), 0.0)], **kw)
+    assert np.abs(halves - once).max() <= 1e-5 and np.abs(idle - once).max() <= 1e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # Canny
 # ---------------------------------------------------------------------------------------------
