@@ -11,26 +11,27 @@ import time
 import torch
 
 import toymodel
-from diffusion import NUM_TRAIN_TIMESTEPS
+from diffusion import NUM_TRAIN_TIMESTEPS, epsilon_loss
 from unet import UNet
-from vae import AutoencoderKL
+from vae import AutoencoderKL, autoencoder_loss
 
 
 def step_fn(name, batch):
-    """-> (model, its training loss on fixed random inputs at the toy's sizes): train.py's objectives."""
+    """-> (model, its training loss on fixed random inputs at the toy's sizes): the objectives of train.py's
+    --stage t2i (SD's ε-loss) and --stage vae (LDM's autoencoder loss)."""
     g = torch.Generator().manual_seed(0)
     c = toymodel.LATENT_CHANNELS
     if name == "unet":
         side = toymodel.IMAGE_SIZE // 4
-        context = toymodel.text_config(vocab_size=700).max_position_embeddings  # 77, CLIP's (any vocabulary)
+        context = toymodel.text_config().max_position_embeddings  # 77, CLIP's
         noisy, noise = torch.randn(2, batch, c, side, side, generator=g)
         text, t = torch.randn(batch, context, toymodel.WIDTH, generator=g), torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
-        return toymodel.T2IStage(UNet(toymodel.unet_config())), lambda m: m(text, noisy, t, noise)
+        return UNet(toymodel.unet_config()), lambda m: epsilon_loss(m(noisy, t, text), noise)
     vae = AutoencoderKL(toymodel.vae_config())
     crop = toymodel.IMAGE_SIZE // 2  # train.py's random crops of half the side
     images = torch.randn(batch, 3, crop, crop, generator=g)
     noise = torch.randn(batch, c, crop // vae.downsampling, crop // vae.downsampling, generator=g)
-    return toymodel.VAEStage(vae), lambda m: m(images, noise)
+    return vae, lambda m: autoencoder_loss(m, images, noise)
 
 
 def main():

@@ -10,9 +10,13 @@ Two rules this file enforces, where the reference libraries are lenient:
 - Loading is strict: every tensor in the file is used, every parameter of the model is filled, every
   shape matches, and an error names the file and the offending keys (diffusers and LAVIS load
   non-strictly in places, which is how missing weights go unnoticed).
+
+Writing is atomic (a crash never leaves a half-written file or folder), and train.py's checkpoints
+(`save_training`, `latest_training`, `load_training`) are folders written the same way.
 """
 
 import dataclasses
+import glob
 import json
 import os
 import pickle
@@ -173,6 +177,16 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
+def write_text(path, text):
+    """`text` into the file `path` (UTF-8), atomically: a reader sees the old file or the new one,
+    never half of one (train.py's ranks write the tiny model's tokenizers side by side)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)
+
+
 def write_folder_atomically(folder, write, merge=False):
     """Call write(tmp) to fill a fresh temporary folder, then put it in place of `folder`.
 
@@ -205,3 +219,43 @@ def write_folder_atomically(folder, write, merge=False):
         shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training checkpoints (train.py): trainable weights + EMA + optimizer + step + RNG, one folder each
+# ---------------------------------------------------------------------------------------------------
+
+def save_training(out, step, trainable, optimizer, schedule, ema, fingerprint, keep):
+    """out/checkpoints/step-NNNNNNN, written atomically; only the newest `keep` are kept."""
+    def write(tmp):
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.state_dict().items()},
+                  os.path.join(tmp, "trainable.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "fingerprint": fingerprint, "torch_rng": torch.get_rng_state()},
+                   os.path.join(tmp, "state.pt"))
+
+    write_folder_atomically(os.path.join(out, "checkpoints", f"step-{step:07d}"), write)
+    for old in sorted(glob.glob(os.path.join(out, "checkpoints", "step-*")))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_training(out):
+    found = sorted(glob.glob(os.path.join(out, "checkpoints", "step-*")))
+    return found[-1] if found else None
+
+
+def load_training(path, trainable, optimizer, schedule, fingerprint):
+    """Restore a checkpoint into the run's module, optimizer and schedule -> (step, EMA or None).
+    The fingerprint (stage and configs) must be the run's: weights of another model never load."""
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        raise CheckpointError(f"{path}: saved with a different model or stage ({state['fingerprint']['stage']}, "
+                              f"configs differ); resume with the same --stage/--model/--weights or use a new --out")
+    trainable.load_state_dict(read_tensors(os.path.join(path, "trainable.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    ema_path = os.path.join(path, "ema.safetensors")
+    return state["step"], (load_file(ema_path) if os.path.isfile(ema_path) else None)

@@ -2,12 +2,15 @@
 embeddings, and the ViT-L/14 image tower in front of the Q-Former.
 
 - Tokenizer: CLIP's byte-level BPE (Radford et al. 2021, sec. 2.4), ids equal to transformers' slow
-  `CLIPTokenizer` as the BLIP-Diffusion pipeline runs it (without ftfy installed).
+  `CLIPTokenizer` as the BLIP-Diffusion pipeline runs it (without ftfy installed); and
+  `train_clip_tokenizer`, a BPE in CLIP's format learnt from captions, for models trained from nothing.
 - Text transformer: SD-1.5's CLIP text encoder (transformers `CLIPTextModel`). BLIP-Diffusion (Li et al.
   2023, sec. 3.2) inserts the 16 subject embeddings after "a" of the prompt; this must equal diffusers'
-  `ContextCLIPTextModel` (pipelines/blip_diffusion/modeling_ctx_clip.py).
+  `ContextCLIPTextModel` (pipelines/blip_diffusion/modeling_ctx_clip.py). `contrastive_loss` is CLIP's
+  objective, for an image/text pair trained from nothing (train.py --stage clip).
 - Vision tower: OpenAI's ViT-L/14 with 23 of its 24 blocks plus BLIP-2's `ln_vision` (BLIP-2, Li et al.
-  2023, sec. 3.1), equal to diffusers' `Blip2VisionModel` (pipelines/blip_diffusion/modeling_blip2.py).
+  2023, sec. 3.1), equal to diffusers' `Blip2VisionModel` (pipelines/blip_diffusion/modeling_blip2.py);
+  blip2.vision_from_clip makes it from OpenAI's weights, as BLIP-2 pre-training starts.
 - CLIPSeg, the segmenter of prompted context generation, is built from these blocks in clipseg.py.
 
 Letters in shape comments: B batch, L text positions, N image patches, D width, H heads.
@@ -22,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder
+from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder, write_text
 
 # BLIP-Diffusion inserts NUM_QUERY_TOKENS subject embeddings (the Q-Former's 16 queries) into the prompt
 # at CTX_BEGIN_POS, after <|startoftext|> and "a" (paper sec. 3.2; model_index.json `ctx_begin_pos: 2`).
@@ -46,6 +49,8 @@ CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # CLIP's vocabulary is 256 bytes x 2 (with and without </w>) + merges + 2 specials = 49408 ids, so
 # only the first 49152 - 256 - 2 merges are used (the slow tokenizer slices merges.txt the same way).
 MAX_MERGES = 49152 - 256 - 2
+# CLIP's special tokens; the end token pads too (SD-1.5's special_tokens_map.json).
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 
 def is_cjk(ch):
@@ -89,8 +94,8 @@ class CLIPTokenizer:
     disagrees with the slow one on such text; we follow the slow one.
     """
 
-    def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                 pad_token="<|endoftext|>", unk_token="<|endoftext|>"):
+    def __init__(self, vocab, merges, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                 unk_token=EOS_TOKEN):
         for name, token in [("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)]:
             if token not in vocab:
                 raise CheckpointError(f"{name} token {token!r} is not in the vocabulary")
@@ -141,6 +146,36 @@ class CLIPTokenizer:
             ids = [self.bos_id] + self.encode(text)[:max_length - 2] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+def train_clip_tokenizer(captions, folder, vocab_size=700):
+    """A byte-level BPE in CLIP's format (vocab.json, merges.txt) learnt from `captions` with the
+    `tokenizers` library, for a model trained from nothing: CLIP's pre-tokenizer and end-of-word
+    suffix, every byte in the base vocabulary (with and without "</w>", as CLIP's), the learnt merges
+    (none from no captions: every word spelt out byte by byte), then the two special tokens.
+    -> the vocabulary size."""
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  end_of_word_suffix="</w>", show_progress=False)
+    tok.train_from_iterator([c.lower() for c in captions], trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = chars + [c + "</w>" for c in chars]
+    seen = set(tokens)
+    for m in merges:
+        merged = m.replace(" ", "")
+        if merged not in seen:
+            seen.add(merged)
+            tokens.append(merged)
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    os.makedirs(folder, exist_ok=True)
+    write_text(os.path.join(folder, "vocab.json"), json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return len(tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,8 +263,9 @@ class Encoder(nn.Module):
 
 
 def check_activation(cfg):
-    # Every published CLIP tower here uses QuickGELU (fact 11 of the reference notes); refuse others
-    # rather than silently computing something else.
+    # Every published CLIP tower here uses QuickGELU: OpenAI's ViT-L/14, SD-1.5's text encoder and the
+    # vision_config of BLIP-Diffusion's qformer/config.json all set hidden_act "quick_gelu". Refuse
+    # others rather than silently computing something else.
     if cfg.hidden_act != "quick_gelu":
         raise CheckpointError(f"hidden_act {cfg.hidden_act!r}: only 'quick_gelu' (OpenAI CLIP) is supported")
 
@@ -287,7 +323,8 @@ class TextTransformer(nn.Module):
     def forward(self, input_ids, ctx_embeddings=None, ctx_begin_pos=CTX_BEGIN_POS):
         x = self.embeddings(input_ids, ctx_embeddings, ctx_begin_pos)
         # CLIP's causal mask over every position, the inserted subject tokens included: they see the
-        # tokens before them, not each other in both directions (fact 1 of the reference notes).
+        # tokens before them, not each other in both directions (diffusers' ContextCLIPTextTransformer,
+        # pipelines/blip_diffusion/modeling_ctx_clip.py, builds it over ids + subject embeddings).
         L = x.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         return self.final_layer_norm(self.encoder(x, causal))
@@ -341,6 +378,16 @@ class CLIPTextModel(nn.Module):
         return cls.from_state_dict(sd, cfg, source)
 
 
+def contrastive_loss(image_embeds, text_embeds, logit_scale):
+    """CLIP's objective (Radford et al. 2021, Fig. 3) for B matching pairs: both embeddings
+    L2-normalised, their (B, B) similarities scaled by exp(logit_scale) (capped at 100, as CLIP), and a
+    symmetric cross-entropy in which image i must pick caption i and caption i image i."""
+    image, text = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B): image i vs caption j
+    labels = torch.arange(len(text), device=text.device)
+    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # Vision transformer
 # ---------------------------------------------------------------------------------------------------
@@ -356,7 +403,8 @@ class VisionConfig:
     patch_size: int = 14
     hidden_act: str = "quick_gelu"
     # diffusers' Blip2VisionConfig default, which the published config leaves in place; LAVIS uses 1e-5
-    # (fact 6 of the reference notes). We follow the config, so a folder that sets 1e-5 gets 1e-5.
+    # (lavis/models/clip_vit.py builds its LayerNorms with PyTorch's default eps). We follow the
+    # config, so a folder that sets 1e-5 gets 1e-5.
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
 
@@ -406,53 +454,3 @@ class VisionTransformer(nn.Module):
         with torch.device("meta"):
             model = cls(config_from_dict(VisionConfig, config))
         return load_strict(model, sd, source).eval()
-
-    # transformers' CLIPVisionConfig defaults (ViT-B/32): config.json omits fields equal to these.
-    CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-    @classmethod
-    def from_clip(cls, folder):
-        """OpenAI CLIP's image tower from a transformers CLIPVisionModel or CLIPModel folder
-        (openai/clip-vit-large-patch14), made into BLIP-2's ViT as BLIP-2 pre-training starts. Rules:
-        - keep blocks 0..n-2 and drop the last: BLIP-2 feeds the Q-Former the penultimate block's
-          output, so block n-1 and CLIP's `post_layernorm` (its `ln_post`) are dropped unused;
-        - q/k/v projections are packed as [q; k; v] into `qkv`; `out_proj` is `projection`;
-        - class embedding (D) -> (1, 1, D), position table (1 + N, D) -> (1, 1 + N, D);
-        - `pre_layrnorm` (sic) is our `pre_layernorm`;
-        - our `post_layernorm` is BLIP-2's new `ln_vision`, NOT CLIP's post_layernorm: it starts as
-          the identity LayerNorm (ones, zeros) and is trained in stage 1;
-        - text-tower keys of a CLIPModel are ignored; any other leftover vision key is an error.
-        LayerNorm eps is CLIP's (1e-5, as LAVIS), not the 1e-6 of BLIP-Diffusion's published config.
-        """
-        config, sd, source = read_folder(folder)
-        c = {**cls.CLIP_DEFAULTS, **config.get("vision_config", config)}
-        cfg = config_from_dict(VisionConfig, {**c, "num_hidden_layers": c["num_hidden_layers"] - 1})
-        sd = {k.removeprefix("vision_model."): v for k, v in sd.items() if k.startswith("vision_model.")}
-
-        def take(key):
-            if key not in sd:
-                raise CheckpointError(f"{source}: vision_model.{key} not found; not a CLIP image tower?")
-            return sd.pop(key)
-
-        out = {"embeddings.class_embedding": take("embeddings.class_embedding").reshape(1, 1, -1),
-               "embeddings.patch_embedding.weight": take("embeddings.patch_embedding.weight"),
-               "embeddings.position_embedding": take("embeddings.position_embedding.weight")[None]}
-        sd.pop("embeddings.position_ids", None)  # an arange buffer older transformers saved
-        for p in ("weight", "bias"):
-            out[f"pre_layernorm.{p}"] = take(f"pre_layrnorm.{p}")
-            for i in range(cfg.num_hidden_layers):
-                layer = f"encoder.layers.{i}."
-                qkv = [take(layer + f"self_attn.{x}_proj.{p}") for x in "qkv"]
-                out[layer + f"self_attn.qkv.{p}"] = torch.cat(qkv)  # [q; k; v] along the output rows
-                out[layer + f"self_attn.projection.{p}"] = take(layer + f"self_attn.out_proj.{p}")
-                for name in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
-                    out[layer + f"{name}.{p}"] = take(layer + f"{name}.{p}")
-        out["post_layernorm.weight"] = torch.ones(cfg.hidden_size)
-        out["post_layernorm.bias"] = torch.zeros(cfg.hidden_size)
-        dropped = (f"encoder.layers.{cfg.num_hidden_layers}.", "post_layernorm.")
-        if leftover := [k for k in sd if not k.startswith(dropped)]:
-            raise CheckpointError(f"{source}: unexpected vision keys: {leftover[:8]}")
-        with torch.device("meta"):
-            model = cls(cfg)
-        return load_strict(model, out, source).eval()

@@ -1,13 +1,22 @@
-"""Pictures in, tensors out: the one image reader and the one centre crop of the project.
+"""Pictures in, tensors out: the one image reader and the one centre crop of the project, and the
+training records that train.py reads.
 
 Every command reads images the same way (`read_image`: any file PIL opens, in any mode, as 8-bit
 RGB, or a one-line error) and crops them the same way (`center_crop`: the short side resized to cover
 the target, then the centre cut out, LAVIS' and torchvision's Resize + CenterCrop).
+
+Training reads JSONL manifests (`read_manifest`; `TOY_DATA` is the small toy-world set behind
+`--data toy`) or a folder of subject pictures (`subject_folder`), visits the records in an order that
+is a function of the step alone (`step_indices`), and draws each sample's randomness from a generator
+of its own (`sample_generator`), so any number of processes, and a resumed run, compute the same.
 """
 
+import functools
+import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 # The files taken as images when a folder is given (sample.py, train.py, pairs.py).
@@ -44,8 +53,11 @@ def read_image(source, mode="RGB"):
         with Image.open(source) as im:
             im.load()
             return to_rgb(im) if mode == "RGB" else im.convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{source}: not an image that can be read ({type(e).__name__}); "
+    except Image.DecompressionBombError:
+        raise ImageError(f"{source}: too large to read safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+                         f"give a smaller picture") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{source}: not an image that can be read ({type(e).__name__}: {e}); "
                          f"give a PNG, JPEG or WebP") from None
 
 
@@ -56,3 +68,119 @@ def center_crop(image, height, width, resample=Image.BICUBIC):
     image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), resample)
     left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training records (train.py): JSONL manifests, subject folders, the sample order, per-sample draws
+# ---------------------------------------------------------------------------------------------------
+
+# `train.py --data toy`: 64 pictures of the toy world shipped with the project, written by
+# `python toyworld.py data --n 64 --backgrounds 0 --inputs --out examples/toy-data`.
+TOY_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "toy-data")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used (a missing manifest, a bad record); one line that names it."""
+
+
+def read_manifest(path, keys):
+    """A JSONL file (or a folder holding records.jsonl) -> records with image paths made absolute."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "records.jsonl")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such data file; give a JSONL manifest (or 'toy')")
+    base, records = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{n}: not valid JSON") from None
+            if not all(k in rec for k in keys):
+                raise DataError(f"{path}:{n}: a record needs the keys {', '.join(keys)}")
+            records.append({k: os.path.join(base, v) if k in ("image", "input", "target") else v
+                            for k, v in rec.items()})
+    if not records:
+        raise DataError(f"{path}: the manifest holds no records")
+    return records
+
+
+def subject_folder(folder):
+    """--subject: one picture of the subject, or a folder of them -> their paths."""
+    if os.path.isfile(folder) and folder.lower().endswith(IMAGE_EXTENSIONS):
+        return [folder]
+    if not os.path.isdir(folder):
+        raise DataError(f"--subject {folder}: no such image or folder of subject images")
+    files = image_files(folder)
+    if not files:
+        raise DataError(f"--subject {folder}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_records(stage, data, subject=None):
+    """A train.py stage's records, checked before any work: fine-tuning's --subject pictures, else
+    --data's manifest ('toy': TOY_DATA's subject.jsonl for stage 2, its records.jsonl for the others)."""
+    if stage == "finetune":
+        return [{"image": f} for f in subject_folder(subject)]
+    if not data:
+        raise DataError("give --data (a JSONL manifest; pairs.py's records.jsonl for --stage subject) or 'toy'")
+    pairs = stage == "subject"
+    if data == "toy":
+        data = os.path.join(TOY_DATA, "subject.jsonl" if pairs else "records.jsonl")
+    return read_manifest(data, ("input", "target", "subject", "caption") if pairs else ("image", "caption"))
+
+
+def load_image(source):
+    """`read_image`, or None for a file that cannot be read: training skips it and counts it."""
+    try:
+        return read_image(source)
+    except ImageError:
+        return None
+
+
+class Records:
+    """A run's records by index, their pictures (the `keys` of each record) read on demand. An
+    unreadable picture is replaced by the next readable record and counted, never a crash."""
+
+    def __init__(self, records, keys):
+        self.records, self.keys, self.skipped = records, keys, 0
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        """-> (the index read, the record, its pictures)."""
+        for j in range(len(self.records)):
+            rec = self.records[(index + j) % len(self.records)]
+            pics = [load_image(rec[k]) for k in self.keys]
+            if all(pic is not None for pic in pics):
+                return (index + j) % len(self.records), rec, pics
+            self.skipped += 1
+        raise DataError("no readable image in the data")
+
+
+def to_target(image, size):
+    """Diffusion target: `center_crop` to size x size, scaled to [-1, 1], (3, size, size)
+    (LAVIS' fine-tuning transform: Resize + CenterCrop + Normalize(0.5, 0.5))."""
+    x = np.asarray(center_crop(image, size, size), np.float32) / 127.5 - 1
+    return torch.from_numpy(x).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_records, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
+def step_indices(num_records, batch_size, step, seed):
+    """The global batch of optimizer step `step`: consecutive slices of a per-epoch permutation, so
+    the data position is a function of the step alone (exact resume, no sampler state)."""
+    positions = (divmod(k, num_records) for k in range(step * batch_size, (step + 1) * batch_size))
+    return [int(epoch_order(num_records, seed, epoch)[i]) for epoch, i in positions]
+
+
+def sample_generator(seed, step, index):
+    """The generator for one sample's random draws (timestep, noise, prompt drop), seeded by (seed,
+    step, the record's index), so it is the same on whichever rank draws it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))

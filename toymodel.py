@@ -1,11 +1,12 @@
-"""The toy BLIP-Diffusion: the published architecture at sizes a laptop CPU trains, the training
-objectives of its stage 0 (VAE, CLIP pair, text-to-image UNet), its tokenizers
-learnt from the toy world's captions, and the curriculum that trains weights/toy/ from nothing.
+"""The toy BLIP-Diffusion: the published architecture at sizes a laptop CPU trains, and the
+curriculum that trains weights/toy/ from nothing.
 
 Every module is the project's own (clip.py, qformer.py, unet.py, vae.py) with small widths; only the
 sizes differ from the published model, so every command of the project runs on the toy model as it
-is. The curriculum is the paper's, with the part the paper takes from Stable Diffusion trained here
-too (stage 0):
+is. The sizes are defined here (`sizes`); the curriculum writes them to OUT/sizes/<part>/config.json
+and gives that folder to train.py as --model (train.py --model toy reads the same sizes from
+weights/toy). The curriculum is the paper's, with the part the paper takes from Stable Diffusion
+trained here too (stage 0; its objectives are train.py's --stage vae, clip and t2i):
 
   0. data       toyworld.py data: pictures of training identities, their true masks, backgrounds
      vae        the autoencoder (reconstruction + a small KL, as LDM without its GAN)
@@ -24,7 +25,6 @@ Each stage prints the exact command it runs, so any one can be rerun or changed 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -33,15 +33,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from diffusion import epsilon_loss
-from clip import CLIP_PATTERN, CLIPTextConfig, VisionConfig
+from checkpoint import write_folder_atomically, write_json
+from clip import CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
+from train import sigusr1
 from unet import UNetConfig
 from vae import AutoencoderKLConfig
 
@@ -65,7 +61,8 @@ def vae_config():
                                latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE, scaling_factor=1.0)
 
 
-def text_config(vocab_size):
+def text_config(vocab_size=None):
+    # vocab_size: the tokenizer's, learnt from the captions by train.py --stage clip.
     return CLIPTextConfig(vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
                           num_hidden_layers=4, num_attention_heads=4)
 
@@ -76,8 +73,9 @@ def vision_config():
                         image_size=IMAGE_SIZE, patch_size=8, layer_norm_eps=1e-5)
 
 
-def blip2_config(vocab_size, vision=None):
+def blip2_config(vocab_size=None, vision=None):
     # No dropout: the toy runs are short and must be bit-for-bit reproducible across process counts.
+    # vocab_size: the WordPiece vocabulary's + [DEC], learnt from the captions by train.py --stage clip.
     return Blip2Config(qformer_config=QFormerConfig(
         vocab_size=vocab_size, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=4 * WIDTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -98,123 +96,25 @@ def unet_config():
                       attention_head_dim=4, cross_attention_dim=WIDTH, norm_num_groups=8)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 0's training objectives (train.py --stage vae / clip / t2i): what the paper takes from SD and CLIP
-# ---------------------------------------------------------------------------------------------
-
-KL_WEIGHT = 1e-6
-
-
-class VAEStage(nn.Module):
-    """Stage 0, the autoencoder: per-pixel L1 reconstruction of z = mean + std·n, plus KL_WEIGHT times
-    the KL divergence to N(0, I) (per pixel, LDM's balance; its perceptual and GAN losses are left out:
-    the toy world's flat colours need neither)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images, noise):
-        post = self.vae.encode(images)
-        recon = self.vae.decode(post.mean + post.std * noise)
-        kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
-        return (recon.float() - images.float()).abs().mean() + KL_WEIGHT * kl / images[0].numel()
+def sizes():
+    """The toy model's sizes, part by part, as the config.json of each part of the published layout.
+    What training learns or measures is left open: the vocabularies (None; train.py takes the learnt
+    tokenizers') and the VAE's scaling factor (1.0; measured when --stage vae exports)."""
+    return {"vae": vae_config(), "text_encoder": text_config(), "unet": unet_config(), "qformer": blip2_config()}
 
 
-class CLIPStage(nn.Module):
-    """Stage 0, a CLIP pair (Radford et al. 2021): image and text embeddings, each projected and
-    L2-normalised, matched by a symmetric cross-entropy over the batch at a learnt temperature. The
-    image embedding is the class token of the tower BLIP-2 freezes; the text one the EOS position."""
+def write_sizes(folder):
+    """sizes() into folder/<part>/config.json: the --model of every stage-0 and stage-1 command.
+    Written once; a rerun keeps the folder its stages were started with."""
+    if os.path.isdir(folder):
+        return
 
-    def __init__(self, vision, text, eos_id, embed_dim=WIDTH):
-        super().__init__()
-        self.vision, self.text, self.eos_id = vision, text, eos_id
-        self.visual_projection = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
-        self.text_projection = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+    def write(tmp):
+        for part, config in sizes().items():
+            os.makedirs(os.path.join(tmp, part))
+            write_json(os.path.join(tmp, part, "config.json"), dataclasses.asdict(config))
 
-    def forward(self, pixel_values, ids):
-        image = F.normalize(self.visual_projection(self.vision(pixel_values)[:, 0]), dim=-1)
-        eos = (ids == self.eos_id).int().argmax(dim=1)  # the first EOS (CLIP pads with EOS too)
-        text = self.text(ids)[torch.arange(len(ids), device=ids.device), eos]
-        text = F.normalize(self.text_projection(text), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T  # (B, B): image i vs caption j
-        labels = torch.arange(len(ids), device=ids.device)
-        return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
-
-
-class T2IStage(nn.Module):
-    """Stage 0, Stable Diffusion's text-to-image training: ε-prediction of the UNet under the frozen
-    text encoder, whose output for each caption the batches bring (train.py encodes it; with --cache
-    once per caption in the whole run)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, text, noisy, t, noise, weight=None):
-        return epsilon_loss(self.unet(noisy, t, text), noise, weight)
-
-
-@torch.no_grad()
-def vae_with_scale(vae, images):
-    """The VAE's config with LDM's scaling factor measured: 1 / std of the latents of `images`, so
-    the diffusion model sees latents of unit variance (SD-1.5's 0.18215 was found the same way)."""
-    post = vae.encode(images.to(next(vae.parameters()).device))
-    z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)).to(post.mean)
-    return dataclasses.replace(vae.config, scaling_factor=round(1 / float(z.float().std()), 5))
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers, learnt from the captions
-# ---------------------------------------------------------------------------------------------
-
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def train_clip_tokenizer(captions, folder, vocab_size=700):
-    """A byte-level BPE in CLIP's format (vocab.json, merges.txt), learnt from `captions` with the
-    `tokenizers` library: CLIP's pre-tokenizer and end-of-word suffix, every byte in the base
-    vocabulary (with and without "</w>", as CLIP's), the learnt merges, then the two special tokens."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True), byte_level])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator([c.lower() for c in captions], trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = chars + [c + "</w>" for c in chars]
-    seen = set(tokens)
-    for m in merges:
-        merged = m.replace(" ", "")
-        if merged not in seen:
-            seen.add(merged)
-            tokens.append(merged)
-    tokens += [BOS, EOS]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-    return len(tokens)
-
-
-def write_bert_vocab(captions, path):
-    """The Q-Former's WordPiece vocabulary: BERT's special tokens, every word of the captions whole,
-    and the letters (alone and as "##" continuations) so an unseen word is still spelt out."""
-    words = sorted({w for c in captions for w in c.lower().split()})
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-&")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
-    tokens += [w for w in words if w not in tokens]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(tokens) + "\n")
-    return len(tokens) + 1  # + [DEC], which the Q-Former adds as the last id
+    write_folder_atomically(folder, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,24 +128,25 @@ def curriculum(out, data_size, override=()):
     """The commands that train the toy model from nothing -> phases, run in order; a phase is lanes
     that run side by side (independent stages, one process per core: small models use one core
     better than two), a lane is steps run in turn, a step (name, its output that marks it done,
-    argv; None = gather the base folder). Hyper-parameters are the toy's (stage 0 as train.py's
-    defaults); each stage has its own --out, so its log and checkpoints are its own and an
-    interrupted stage resumes. `override`: train.py flags for every stage (a smoke test's --steps 2)."""
+    argv; None = gather the base folder). Stage 0 and stage 1 are built at the sizes of OUT/sizes
+    (`write_sizes`). Hyper-parameters are the toy's (stage 0 as train.py's defaults); each stage has
+    its own --out, so its log and checkpoints are its own and an interrupted stage resumes.
+    `override`: train.py flags for every stage (a smoke test's --steps 2)."""
     d = lambda *p: os.path.join(out, *p)
     stage = lambda name, *rest, to=None: ["train.py", "--stage", name, "--out", to or d(name), "--log-every", "50",
                                           *rest, *override]
-    records = d("data", "records.jsonl")
+    records, toy = d("data", "records.jsonl"), d("sizes")
     return [
         [[("data", records, ["toyworld.py", "data", "--n", str(data_size), "--out", d("data")])]],
-        [[("vae", d("vae", "vae"), stage("vae", "--model", "toy", "--data", records))],
-         [("clip", d("clip", "text_encoder"), stage("clip", "--model", "toy", "--data", records, "--schedule", "cosine"))]],
+        [[("vae", d("vae", "vae"), stage("vae", "--model", toy, "--data", records))],
+         [("clip", d("clip", "text_encoder"), stage("clip", "--model", toy, "--data", records, "--schedule", "cosine"))]],
         # The base folder is the toy's Stable Diffusion: stage 0's VAE, text encoder and tokenizer,
         # joined by the UNet that --stage t2i trains into it.
         [[("base", d("base", "tokenizer"), None),
-          ("t2i", d("base", "unet"), stage("t2i", "--model", "toy", "--data", records, "--sd", d("base"), "--ema", "0.995",
+          ("t2i", d("base", "unet"), stage("t2i", "--model", toy, "--data", records, "--sd", d("base"), "--ema", "0.995",
                                              "--cache", to=d("base")))],
          [("multimodal", d("multimodal", "qformer"),
-           stage("multimodal", "--model", "toy", "--data", records, "--clip-vision", d("clip", "vision_model"),
+           stage("multimodal", "--model", toy, "--data", records, "--clip-vision", d("clip", "vision_model"),
                  "--bert", d("clip", "bert_tokenizer"), "--steps", "600", "--batch-size", "64", "--lr", "1e-3",
                  "--warmup", "50", "--weight-decay", "0.05")),
           # The pairs need only the data; after stage 1 the lane takes about as long as the UNet's, and
@@ -261,8 +162,6 @@ def curriculum(out, data_size, override=()):
 
 
 def gather_base(out):
-    from checkpoint import write_folder_atomically
-
     def write(tmp):
         shutil.copytree(os.path.join(out, "vae", "vae"), os.path.join(tmp, "vae"))
         for part in ("text_encoder", "tokenizer"):
@@ -271,33 +170,12 @@ def gather_base(out):
     write_folder_atomically(os.path.join(out, "base"), write, merge=True)
 
 
-@contextmanager
-def sigusr1(handler):
-    """Inside: `handler` for SIGUSR1 (no-op where there is none, Windows); the one before after."""
-    if not hasattr(signal, "SIGUSR1"):
-        yield
-        return
-    before = signal.signal(signal.SIGUSR1, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGUSR1, before)
-
-
-def every_core_on_sigusr1():
-    """train.py's run inside: SIGUSR1 means compute on every core from now on (Phase sends it when
-    the stage beside has ended). Phase starts the stage with SIGUSR1 ignored and that comes back on
-    the way out, so a signal as the run ends is ignored too (the interpreter's exit would reset the
-    handler to the default, which ends the process)."""
-    return sigusr1(lambda *_: torch.set_num_threads(os.cpu_count() or 1))
-
-
 class Phase:
     """The lanes of one phase side by side, each its own processes, the cores shared among the lanes
     still running. A lane that ends leaves its cores idle, as the two lanes seldom take equally long
     (measured: the CLIP pair 23 min beside the VAE's 17; the UNet 33 beside stage 1 and the pairs' 24), so
     when one lane is left, its running stage is told with SIGUSR1 to take every core (train.py
-    listens, every_core_on_sigusr1; a toy UNet step of 32: 0.50 s on one core, 0.34 s on two), and its next stages start on all."""
+    listens, train.every_core_on_sigusr1; a toy UNet step of 32: 0.50 s on one core, 0.34 s on two), and its next stages start on all."""
 
     def __init__(self, lanes, out, cores, times):
         self.lanes, self.out, self.cores, self.times = lanes, out, cores, times
@@ -340,7 +218,6 @@ class Phase:
 def install(model, folder):
     """The trained model's published-layout parts (not its checkpoints, samples or log) into `folder`,
     its model_index.json naming the toy's guidance scale; other files there (the oracle) stay."""
-    from checkpoint import write_folder_atomically
     keep = [n for n in os.listdir(model) if n not in ("checkpoints", "samples", "log.jsonl") and not n.startswith(".")]
 
     def write(tmp):
@@ -368,6 +245,7 @@ def main(argv=None):
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])
     cores = os.cpu_count() or 1
     times, start = {}, time.time()
+    write_sizes(os.path.join(args.out, "sizes"))
     for phase in curriculum(args.out, args.data_size, override):
         failed = Phase(phase, args.out, cores, times).run()
         if failed:

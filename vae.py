@@ -265,6 +265,35 @@ class AutoencoderKL(nn.Module):
         return load_strict(model, sd, source).eval()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Training from nothing (train.py --stage vae): LDM's objective and its measured scaling factor
+# ---------------------------------------------------------------------------------------------------
+
+# LDM's autoencoder (its configs/autoencoder/autoencoder_kl_*.yaml, `kl_weight: 0.000001`, read by
+# ldm/modules/losses/contperceptual.py): the KL term weighs 1e-6 against the per-pixel reconstruction.
+KL_WEIGHT = 1e-6
+
+
+def autoencoder_loss(vae, images, noise):
+    """Per-pixel L1 reconstruction of z = mean + std·noise, plus KL_WEIGHT times the KL divergence of
+    the posterior to N(0, I) (per pixel, LDM's balance). LDM's perceptual and GAN losses are left out:
+    pictures of flat colours (the toy world's) need neither. images (B, 3, H, W) in [-1, 1]."""
+    post = vae.encode(images)
+    recon = vae.decode(post.mean + post.std * noise)
+    kl = 0.5 * (post.mean ** 2 + post.std ** 2 - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+    return (recon.float() - images.float()).abs().mean() + KL_WEIGHT * kl / images[0].numel()
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, images):
+    """A VAE's scaling factor, measured as LDM's: 1 / std of the latents of `images`, so that the
+    diffusion model sees latents of unit variance (SD-1.5's SCALING_FACTOR was found the same way).
+    The latents are drawn from the posterior with a fixed seed, so the measurement repeats exactly."""
+    post = vae.encode(images.to(next(vae.parameters()).device))
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)).to(post.mean)
+    return round(1 / float(z.float().std()), 5)
+
+
 # Renames for diffusers folders written before diffusers 0.17. BLIP-Diffusion's vae/config.json says
 # 0.16.0: the mid-block attention then called its projections query/key/value/proj_attn (same Linear
 # shapes); diffusers renames them the same way when it loads such a file.

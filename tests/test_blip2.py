@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from checkpoint import CheckpointError
-from clip import VisionConfig, VisionTransformer
-from qformer import Blip2Config, Blip2Pretraining, QFormerConfig, init_from_bert, multimodal_causal_mask
+from blip2 import Blip2Pretraining, init_from_bert, multimodal_causal_mask, vision_from_clip
+from clip import VisionConfig
+from qformer import Blip2Config, QFormerConfig
 from reference import assert_close, perturb
 
 BERT_VOCAB = 99  # + [DEC] = 100 in the Q-Former
@@ -110,7 +111,7 @@ TINY_CLIP_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=
 
 
 @pytest.mark.parametrize("kind", ["CLIPVisionModel", "CLIPModel"])
-def test_from_clip_keeps_all_but_the_last_block(tmp_path, kind):
+def test_vision_from_clip_keeps_all_but_the_last_block(tmp_path, kind):
     torch.manual_seed(0)
     if kind == "CLIPVisionModel":
         ref = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION))
@@ -119,7 +120,7 @@ def test_from_clip_keeps_all_but_the_last_block(tmp_path, kind):
                     num_attention_heads=2)
         ref = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION, projection_dim=8))
     perturb(ref, seed=0, scale=0.3).eval().save_pretrained(tmp_path)
-    vit = VisionTransformer.from_clip(str(tmp_path))
+    vit = vision_from_clip(str(tmp_path))
     assert vit.config.num_hidden_layers == 2 and vit.config.layer_norm_eps == 1e-5
 
     x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -131,13 +132,13 @@ def test_from_clip_keeps_all_but_the_last_block(tmp_path, kind):
         assert_close(vit(x), F.layer_norm(want, (48,), eps=1e-5))
 
 
-def test_from_clip_refuses_unknown_vision_keys(tmp_path):
+def test_vision_from_clip_refuses_unknown_vision_keys(tmp_path):
     CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)).save_pretrained(tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     sd["vision_model.encoder.layers.0.extra.weight"] = torch.zeros(1)
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="extra"):
-        VisionTransformer.from_clip(str(tmp_path))
+        vision_from_clip(str(tmp_path))
 
 
 # --- the three losses ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """clip.py against its references: transformers' CLIP tokenizers and CLIPTextModel, diffusers'
-ContextCLIPTextModel, Blip2VisionModel and single-file converter. Small random models, saved in the
-published layouts and loaded back by our code."""
+ContextCLIPTextModel, Blip2VisionModel and single-file converter, and CLIPModel's contrastive loss.
+Small random models, saved in the published layouts and loaded back by our code."""
 
 import json
 
@@ -211,3 +211,16 @@ def test_published_vision_size():
         ours, ref = clip.VisionTransformer(), Blip2VisionModel(published)
     same_parameters(ours, ref)
     assert ours.embeddings.position_embedding.shape == (1, 257, 1024)
+
+
+def test_contrastive_loss_is_clips():
+    # train.py --stage clip: transformers' CLIPModel loss on the same projected embeddings.
+    from transformers.models.clip.modeling_clip import clip_loss
+    g = torch.Generator().manual_seed(0)
+    image, text, logit_scale = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.tensor(2.0)
+    normed = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    want = clip_loss(logit_scale.exp() * normed(text) @ normed(image).T)  # (texts, images), as CLIPModel
+    assert torch.allclose(clip.contrastive_loss(image, text, logit_scale), want, rtol=1e-6, atol=1e-6)
+    # exp(logit_scale) is capped at 100, as OpenAI's CLIP clamps it.
+    capped = clip_loss(100 * normed(text) @ normed(image).T)
+    assert torch.allclose(clip.contrastive_loss(image, text, torch.tensor(10.0)), capped, rtol=1e-6, atol=1e-6)

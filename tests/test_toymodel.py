@@ -2,6 +2,7 @@
 captions, and every stage of the curriculum runs through train.py and pairs.py, ending in a model
 that loads and generates at its own size."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,8 +14,11 @@ from PIL import Image
 
 import toymodel
 import toyworld
+import train
 from blipdiff import BlipDiffusion, preprocess_subject
-from clip import CLIPTokenizer
+from clip import CLIPTokenizer, train_clip_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def world_captions(n=400, seed=0):
@@ -27,7 +31,7 @@ def world_captions(n=400, seed=0):
 def test_learnt_tokenizer_is_clip_format_and_equals_the_reference(tmp_path):
     from transformers import CLIPTokenizer as Reference
     captions = world_captions()
-    toymodel.train_clip_tokenizer(captions, str(tmp_path))
+    train_clip_tokenizer(captions, str(tmp_path))
     ours = CLIPTokenizer.from_folder(str(tmp_path))
     ref = Reference(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     texts = captions[:20] + ["a ball in the snow, a ball in the snow", "A Zebra-striped tuba!", "naïve 123"]
@@ -74,7 +78,6 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
 
     # The text-to-image stage with --cache: from the third step every latent and caption encoding
     # comes from memory (8 pictures, batches of 4), and the losses are those of encoding them anew.
-    import train
     logged = {}
     for cache in ([], ["--cache"]):
         to = tmp_path / f"t2i{len(cache)}"
@@ -113,7 +116,7 @@ def test_the_last_lane_of_a_phase_takes_the_idle_cores(tmp_path):
 def test_a_stage_takes_every_core_when_signalled():
     before, handler = torch.get_num_threads(), signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        with toymodel.every_core_on_sigusr1():
+        with train.every_core_on_sigusr1():
             torch.set_num_threads(1)
             os.kill(os.getpid(), signal.SIGUSR1)
             for _ in range(100):  # the handler runs at the interpreter's next check
@@ -128,6 +131,20 @@ def test_a_stage_takes_every_core_when_signalled():
 
 @pytest.mark.parametrize("stage", ["vae", "clip", "t2i"])
 def test_stage_zero_is_toy_only(tmp_path, stage, capsys):
-    import train
     assert train.main(["--stage", stage, "--model", "tiny", "--data", "toy", "--out", str(tmp_path)]) == 1
     assert "only with --model toy" in capsys.readouterr().err
+
+
+def test_the_toy_sizes_are_the_shipped_toy_models():
+    # The curriculum trains at toymodel.sizes() (written to OUT/sizes for --model); train.py --model toy
+    # reads weights/toy's config.json files. They must agree but for what training learns or measures.
+    learnt = {"text_encoder": ["vocab_size"], "vae": ["scaling_factor"], "unet": [], "qformer": []}
+    for part, config in toymodel.sizes().items():
+        ours = json.loads(json.dumps(dataclasses.asdict(config)))
+        with open(os.path.join(ROOT, "weights", "toy", part, "config.json")) as f:
+            shipped = json.load(f)
+        if part == "qformer":  # the WordPiece vocabulary, learnt from the captions
+            ours["qformer_config"].pop("vocab_size"), shipped["qformer_config"].pop("vocab_size")
+        for key in learnt[part]:
+            ours.pop(key), shipped.pop(key)
+        assert ours == shipped, part

@@ -141,9 +141,9 @@ def test_evaluate_runs_on_two_subjects(tmp_path, monkeypatch, capsys):
 
     from PIL import Image
 
-    import train
+    import stages
     torch.set_num_threads(1)
-    model = train.tiny_model(str(tmp_path / "tiny_src"))
+    model = stages.tiny_model(str(tmp_path / "tiny_src"))
     model.save_pretrained(str(tmp_path / "model"))
     sheet, out = tmp_path / "sheet.png", tmp_path / "eval.json"
     monkeypatch.setattr(sys, "argv", [
@@ -203,9 +203,9 @@ def test_linear_probe_reads_what_the_features_hold():
 def test_probe_command_prints_a_row_per_feature(tmp_path, monkeypatch, capsys):
     import sys
 
-    import train
+    import stages
     torch.set_num_threads(1)
-    train.tiny_model(str(tmp_path / "tiny_src")).save_pretrained(str(tmp_path / "model"))
+    stages.tiny_model(str(tmp_path / "tiny_src")).save_pretrained(str(tmp_path / "model"))
     monkeypatch.setattr(sys, "argv", ["toyworld.py", "probe", "--weights", str(tmp_path / "model"), "--n", "40",
                                       "--threads", "1"])
     toyeval.main()

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import sample
+import stages
 import toyworld
 import train
 from checkpoint import read_tensors
+from diffusion import alphas_cumprod, min_snr_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--data", "toy"]
@@ -85,7 +88,7 @@ def test_min_snr_weights_are_diffusers_ones():
     t = torch.arange(0, 1000, 7)
     snr = compute_snr(scheduler, t)
     want = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # diffusers' train_text_to_image, ε-prediction
-    got = train.min_snr_weight(t, train.alphas_cumprod(), 5.0)
+    got = min_snr_weight(t, alphas_cumprod(), 5.0)
     assert torch.allclose(got, want, rtol=1e-5, atol=0)
     assert got[0] < 0.01 and got[-1] == 1.0
 
@@ -195,7 +198,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
     with pytest.raises(OSError):
         train.main(args + ["--steps", "4", "--resume"])
     assert_same_weights(weights(out, 2), before, atol=0)
@@ -227,7 +230,7 @@ def test_multimodal_stage_loss_falls_and_feeds_stage_two(tmp_path):
     got = losses(stage1)
     assert np.mean(got[-5:]) < 0.95 * np.mean(got[:5])
     # Stage 2 from "Stable Diffusion" (a tiny model written in the CompVis single-file layout) + stage 1.
-    sd_model = train.tiny_model(str(tmp_path / "sd"), seed=3)
+    sd_model = stages.tiny_model(str(tmp_path / "sd"), seed=3)
     levels = len(sd_model.vae.config.block_out_channels)
     single = {unet_module.COMPVIS_PREFIX + unet_module.compvis_key(k, sd_model.unet.config): v
               for k, v in sd_model.unet.state_dict().items()}
@@ -235,7 +238,7 @@ def test_multimodal_stage_loss_falls_and_feeds_stage_two(tmp_path):
                if v.dim() == 2 else v for k, v in sd_model.vae.state_dict().items()}
     single |= {CLIPTextModel.COMPVIS_PREFIX + k: v for k, v in sd_model.text_encoder.state_dict().items()}
     save_file({k: v.contiguous() for k, v in single.items()}, str(tmp_path / "sd.safetensors"))
-    model = train.stage2_from_sd(str(tmp_path / "sd.safetensors"), stage1, str(tmp_path / "sd" / "tokenizer"),
+    model = stages.stage2_from_sd(str(tmp_path / "sd.safetensors"), stage1, str(tmp_path / "sd" / "tokenizer"),
                                  (sd_model.unet.config, sd_model.vae.config, sd_model.text_encoder.config))
     trained = read_tensors(os.path.join(stage1, "qformer", "model.safetensors"))
     assert all(torch.equal(model.qformer.state_dict()[k], v) for k, v in trained.items())

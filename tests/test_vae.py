@@ -1,4 +1,5 @@
-"""Parity of vae.py with diffusers' AutoencoderKL, in every published weight layout."""
+"""Parity of vae.py with diffusers' AutoencoderKL, in every published weight layout, and its training
+objective (train.py --stage vae) against the KL of diffusers' posterior."""
 
 import json
 import os
@@ -10,9 +11,11 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import save_file
 
+import vae
 from checkpoint import CheckpointError, config_from_dict
 from reference import assert_close, perturb
-from vae import SCALING_FACTOR, AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, compvis_name
+from vae import (KL_WEIGHT, SCALING_FACTOR, AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, autoencoder_loss,
+                 compvis_name, measure_scaling_factor)
 
 # SD-1.5's vae/config.json as published (BLIP-Diffusion's vae/ carries the same values).
 SD15_CONFIG = {
@@ -154,3 +157,31 @@ def test_full_size_equals_reference_on_meta():
 def test_unsupported_config_is_refused():
     with pytest.raises(ValueError, match="DownEncoderBlock2D"):
         AutoencoderKLConfig(down_block_types=("AttnDownEncoderBlock2D",) * 4)
+
+
+def test_autoencoder_loss_is_l1_plus_ldms_weighted_kl(ref, image, tmp_path, monkeypatch):
+    # train.py --stage vae: the L1 reconstruction of z = mean + std * noise, plus the KL to N(0, I) that
+    # diffusers' posterior computes (LDM's, summed per sample), averaged and spread over the pixels.
+    assert KL_WEIGHT == 1e-6  # LDM's kl_weight
+    monkeypatch.setattr(vae, "KL_WEIGHT", 1.0)  # at 1e-6 the KL term is below float32's resolution of the sum
+    ref.save_pretrained(tmp_path)
+    ours = AutoencoderKL.from_pretrained(tmp_path)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        post = DiagonalGaussianDistribution(ours.quant_conv(ours.encoder(image)))
+        l1 = (ours.decode(post.mean + post.std * noise) - image).abs().mean()
+        kl = post.kl().mean() / image[0].numel()
+        got = autoencoder_loss(ours, image, noise)
+    assert kl > 0.01 and torch.allclose(got, l1 + kl, rtol=1e-5, atol=0)
+
+
+def test_measured_scaling_factor_gives_unit_variance_latents(ref, tmp_path):
+    ref.save_pretrained(tmp_path)
+    ours = AutoencoderKL.from_pretrained(tmp_path)
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    scale = measure_scaling_factor(ours, images)
+    assert scale == measure_scaling_factor(ours, images)  # the same draw every time
+    with torch.no_grad():
+        post = ours.encode(images)
+        z = (post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0))) * scale
+    assert abs(float(z.std()) - 1) < 1e-3
