@@ -47,14 +47,14 @@ WIDTH = 128  # text encoder, image tower and Q-Former width; the subject embeddi
 # The guidance scale the installed model samples at by default (model_index.json's "guidance", read by
 # blipdiff.BlipDiffusion). Chosen on 32 held-out subjects the evaluation does not use
 # (toyeval.eval_subjects(16, seed) for seeds 1 and 2): at the published 7.5 the toy model's colours
-# drift to a neighbouring hue (orange to red or yellow, pink to white); see the README's evaluation.
+# drift to a neighbouring hue (orange to red or yellow, pink to white); see docs/toy-world.md.
 GUIDANCE = 5.0
 
 
 def vae_config():
     # Three levels: 64 px pictures -> 16 x 16 x 8 latents (SD-1.5: 512 -> 64 x 64 x 4, four levels).
     # Eight channels, not SD's four: with four, a 16 x 16 grid loses the dots and checks of the
-    # patterns (measured: blurred away after 800 steps), and the patterns are what a subject is.
+    # patterns, and the patterns are what a subject is.
     # The scaling factor is measured on the trained encoder (LDM's 1 / std of the latents) and stored.
     return AutoencoderKLConfig(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                                up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
@@ -84,11 +84,10 @@ def blip2_config(vocab_size=None, vision=None):
 
 def unet_config():
     # Attention (self and cross, where the text and the subject come in) at 8 x 8 and 4 x 4 only:
-    # at 16 x 16 it cost 60% of a training step on a CPU (measured: 1.77 s -> 0.74 s a step of 32
-    # on one core without it), and the ResBlocks there render what the coarser levels decided.
-    # Those ResBlocks are 64 channels wide, as the levels below: at 32, even 300 steps of fine-tuning
-    # on one subject's own pictures did not draw its checks (they came out as stripes) or keep a
-    # striped body's colour; the UNet's time per step goes from 0.35 to 0.62 s (32 pictures, one core).
+    # at 16 x 16 it costs more than half of a training step on a CPU, and the ResBlocks there render
+    # what the coarser levels decided. Those ResBlocks are 64 channels wide, as the levels below: at
+    # 32, even 300 steps of fine-tuning on one subject's own pictures do not draw its checks (they
+    # come out as stripes) or keep a striped body's colour, though a step takes less time.
     return UNetConfig(sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
                       block_out_channels=(64, 64, 64), layers_per_block=1,
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -172,10 +171,9 @@ def gather_base(out):
 
 class Phase:
     """The lanes of one phase side by side, each its own processes, the cores shared among the lanes
-    still running. A lane that ends leaves its cores idle, as the two lanes seldom take equally long
-    (measured: the CLIP pair 23 min beside the VAE's 17; the UNet 33 beside stage 1 and the pairs' 24), so
+    still running. A lane that ends leaves its cores idle, as two lanes seldom take equally long, so
     when one lane is left, its running stage is told with SIGUSR1 to take every core (train.py
-    listens, train.every_core_on_sigusr1; a toy UNet step of 32: 0.50 s on one core, 0.34 s on two), and its next stages start on all."""
+    listens, train.every_core_on_sigusr1), and its next stages start on all."""
 
     def __init__(self, lanes, out, cores, times):
         self.lanes, self.out, self.cores, self.times = lanes, out, cores, times
