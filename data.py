@@ -83,12 +83,17 @@ class DataError(ValueError):
     """Training data that cannot be used (a missing manifest, a bad record); one line that names it."""
 
 
+# The record keys that name files, relative to the manifest's folder.
+PATH_KEYS = ("image", "input", "target", "mask")
+
+
 def read_manifest(path, keys):
-    """A JSONL file (or a folder holding records.jsonl) -> records with image paths made absolute."""
+    """A JSONL file (or a folder holding records.jsonl), one record a line, each with `keys` -> the
+    records, their file paths (PATH_KEYS) made absolute. Used by train.py and pairs.py."""
     if os.path.isdir(path):
         path = os.path.join(path, "records.jsonl")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file; give a JSONL manifest (or 'toy')")
+        raise DataError(f"{path}: no such data file; give a JSONL manifest, one record a line")
     base, records = os.path.dirname(os.path.abspath(path)), []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -97,11 +102,10 @@ def read_manifest(path, keys):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                raise DataError(f"{path}:{n}: not valid JSON") from None
-            if not all(k in rec for k in keys):
-                raise DataError(f"{path}:{n}: a record needs the keys {', '.join(keys)}")
-            records.append({k: os.path.join(base, v) if k in ("image", "input", "target") else v
-                            for k, v in rec.items()})
+                raise DataError(f"{path} line {n}: not valid JSON") from None
+            if not isinstance(rec, dict) or not all(k in rec for k in keys):
+                raise DataError(f"{path} line {n}: a record needs the keys {', '.join(keys)}")
+            records.append({k: os.path.join(base, v) if k in PATH_KEYS else v for k, v in rec.items()})
     if not records:
         raise DataError(f"{path}: the manifest holds no records")
     return records

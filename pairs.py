@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import matting
 from clipseg import CLIPSeg
-from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image
+from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image, read_manifest
 
 
 
@@ -170,27 +170,11 @@ def read_data(data, subject=None):
         if not files:
             raise ValueError(f"{data} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
         return [dict(image=os.path.basename(f), path=f, subject=subject, caption=f"a {subject}") for f in files]
-    if not os.path.isfile(data):
-        raise ValueError(f"--data {data} does not exist")
-    items = []
-    with open(data) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                mask = item.get("mask")
-                item = dict(image=item["image"], subject=item["subject"],
-                            caption=item.get("caption", f"a {item['subject']}"))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                need = 'an object with "image" and "subject"'
-                raise ValueError(f"{data} line {n}: not {need} ({e!r})") from None
-            item["path"] = os.path.join(os.path.dirname(data), item["image"])
-            if mask is not None:
-                item["mask"] = os.path.join(os.path.dirname(data), mask)
-            items.append(item)
-    if not items:
-        raise ValueError(f"{data} lists no images")
+    base = os.path.dirname(os.path.abspath(data))
+    items = read_manifest(data, ("image", "subject"))
+    for item in items:
+        item["path"], item["image"] = item["image"], os.path.relpath(item["image"], base)
+        item.setdefault("caption", f"a {item['subject']}")
     return items
 
 

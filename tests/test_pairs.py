@@ -207,7 +207,7 @@ PATH_FLAGS = ("--data", "--backgrounds", "--clipseg", "--out")
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"--data": "missing.jsonl"}, "does not exist"),
+    ({"--data": "missing.jsonl"}, "no such data file"),
     ({"--data": "emptydir", "--subject": "dog"}, "holds no images"),
     ({"--data": "images"}, "--subject"),
     ({"--data": "bad.jsonl"}, "line 1"),
