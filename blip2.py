@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder
-from clip import NUM_QUERY_TOKENS, VisionConfig, VisionTransformer
+from clip import CLIP_VISION_DEFAULTS, NUM_QUERY_TOKENS, VisionConfig, VisionTransformer, vision_keys_from_clip
 from qformer import Blip2Config, QFormer, QFormerConfig
 
 EMBED_DIM = 256              # BLIP-2's contrastive embedding width (`embed_dim`)
@@ -238,48 +238,24 @@ def fold_layers(keys):
     return sorted({re.sub(r"\.\d+\.", ".*.", k) for k in keys})
 
 
-# transformers' CLIPVisionConfig defaults (ViT-B/32): config.json omits fields equal to these.
-CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-
 def vision_from_clip(folder):
     """OpenAI CLIP's image tower from a transformers CLIPVisionModel or CLIPModel folder
     (openai/clip-vit-large-patch14), made into BLIP-2's ViT (clip.VisionTransformer) as BLIP-2
     pre-training starts. Rules:
     - keep blocks 0..n-2 and drop the last: BLIP-2 feeds the Q-Former the penultimate block's
       output, so block n-1 and CLIP's `post_layernorm` (its `ln_post`) are dropped unused;
-    - q/k/v projections are packed as [q; k; v] into `qkv`; `out_proj` is `projection`;
-    - class embedding (D) -> (1, 1, D), position table (1 + N, D) -> (1, 1 + N, D);
-    - `pre_layrnorm` (sic) is our `pre_layernorm`;
+    - the kept tensors are renamed by clip.vision_keys_from_clip's rules (q/k/v packed into `qkv`,
+      the class and position embeddings reshaped, `pre_layrnorm` (sic) is `pre_layernorm`);
     - our `post_layernorm` is BLIP-2's new `ln_vision`, NOT CLIP's post_layernorm: it starts as
       the identity LayerNorm (ones, zeros) and is trained in stage 1;
     - text-tower keys of a CLIPModel are ignored; any other leftover vision key is an error.
     LayerNorm eps is CLIP's (1e-5, as LAVIS), not the 1e-6 of BLIP-Diffusion's published config.
     """
     config, sd, source = read_folder(folder)
-    c = {**CLIP_DEFAULTS, **config.get("vision_config", config)}
+    c = {**CLIP_VISION_DEFAULTS, **config.get("vision_config", config)}
     cfg = config_from_dict(VisionConfig, {**c, "num_hidden_layers": c["num_hidden_layers"] - 1})
     sd = {k.removeprefix("vision_model."): v for k, v in sd.items() if k.startswith("vision_model.")}
-
-    def take(key):
-        if key not in sd:
-            raise CheckpointError(f"{source}: vision_model.{key} not found; not a CLIP image tower?")
-        return sd.pop(key)
-
-    out = {"embeddings.class_embedding": take("embeddings.class_embedding").reshape(1, 1, -1),
-           "embeddings.patch_embedding.weight": take("embeddings.patch_embedding.weight"),
-           "embeddings.position_embedding": take("embeddings.position_embedding.weight")[None]}
-    sd.pop("embeddings.position_ids", None)  # an arange buffer older transformers saved
-    for p in ("weight", "bias"):
-        out[f"pre_layernorm.{p}"] = take(f"pre_layrnorm.{p}")
-        for i in range(cfg.num_hidden_layers):
-            layer = f"encoder.layers.{i}."
-            qkv = [take(layer + f"self_attn.{x}_proj.{p}") for x in "qkv"]
-            out[layer + f"self_attn.qkv.{p}"] = torch.cat(qkv)  # [q; k; v] along the output rows
-            out[layer + f"self_attn.projection.{p}"] = take(layer + f"self_attn.out_proj.{p}")
-            for name in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
-                out[layer + f"{name}.{p}"] = take(layer + f"{name}.{p}")
+    out = vision_keys_from_clip(sd, cfg.num_hidden_layers, source)
     out["post_layernorm.weight"] = torch.ones(cfg.hidden_size)
     out["post_layernorm.bias"] = torch.zeros(cfg.hidden_size)
     dropped = (f"encoder.layers.{cfg.num_hidden_layers}.", "post_layernorm.")

@@ -10,7 +10,9 @@ embeddings, and the ViT-L/14 image tower in front of the Q-Former.
   objective, for an image/text pair trained from nothing (train.py --stage clip).
 - Vision tower: OpenAI's ViT-L/14 with 23 of its 24 blocks plus BLIP-2's `ln_vision` (BLIP-2, Li et al.
   2023, sec. 3.1), equal to diffusers' `Blip2VisionModel` (pipelines/blip_diffusion/modeling_blip2.py);
-  blip2.vision_from_clip makes it from OpenAI's weights, as BLIP-2 pre-training starts.
+  blip2.vision_from_clip makes it from OpenAI's weights (`vision_keys_from_clip`), as BLIP-2
+  pre-training starts. By config the same tower is also CLIP ViT-B/32's and DINO's ViT-S/16, the
+  metric networks of evaluate.py (metrics.py).
 - CLIPSeg, the segmenter of prompted context generation, is built from these blocks in clipseg.py.
 
 Letters in shape comments: B batch, L text positions, N image patches, D width, H heads.
@@ -187,6 +189,11 @@ def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
+# The activations of the published towers, by their config name: QuickGELU in OpenAI's CLIP, the exact
+# (erf) GELU in the ViT that DINO trained (facebook/dino-vits16's hidden_act "gelu", transformers' GELUActivation).
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
 def attention(q, k, v, heads, mask=None):
     """Multi-head attention of (B, L, D) projections; `mask` is boolean, True where attention is allowed."""
     B, L, D = q.shape
@@ -237,14 +244,15 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN residual block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-LN residual block: x + attn(LN(x)), then x + mlp(LN(x)). transformers' ViTLayer is the same
+    block (layernorm_before, attention, layernorm_after, intermediate + output)."""
 
-    def __init__(self, self_attn, dim, hidden, eps):
+    def __init__(self, self_attn, dim, hidden, eps, act=quick_gelu):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
         self.self_attn = self_attn
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, hidden)
+        self.mlp = MLP(dim, hidden, act)
 
     def forward(self, x, mask=None):
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -262,12 +270,15 @@ class Encoder(nn.Module):
         return x
 
 
-def check_activation(cfg):
-    # Every published CLIP tower here uses QuickGELU: OpenAI's ViT-L/14, SD-1.5's text encoder and the
-    # vision_config of BLIP-Diffusion's qformer/config.json all set hidden_act "quick_gelu". Refuse
-    # others rather than silently computing something else.
-    if cfg.hidden_act != "quick_gelu":
-        raise CheckpointError(f"hidden_act {cfg.hidden_act!r}: only 'quick_gelu' (OpenAI CLIP) is supported")
+def check_activation(cfg, supported=("quick_gelu",)):
+    """-> the activation `cfg.hidden_act` names. Every published CLIP tower here uses QuickGELU: OpenAI's
+    ViT-L/14 and ViT-B/32, SD-1.5's text encoder and the vision_config of BLIP-Diffusion's
+    qformer/config.json all set hidden_act "quick_gelu"; the image tower also takes DINO's "gelu".
+    Others are refused rather than silently computing something else."""
+    if cfg.hidden_act not in supported:
+        raise CheckpointError(f"hidden_act {cfg.hidden_act!r}: only {' or '.join(map(repr, supported))} "
+                              f"is supported here")
+    return ACTIVATIONS[cfg.hidden_act]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,6 +389,17 @@ class CLIPTextModel(nn.Module):
         return cls.from_state_dict(sd, cfg, source)
 
 
+def eos_positions(input_ids, eos_token_id):
+    """(B, L) ids -> (B,) the position whose output is the prompt's CLIP embedding (transformers'
+    CLIPTextTransformer `pooler_output`, before `text_projection`): <|endoftext|>. A config written
+    before transformers PR #24773 (OpenAI's CLIP folders, CLIPSeg's) says eos_token_id 2; transformers
+    then takes the highest id, which is <|endoftext|>, the last of CLIP's vocabulary. Otherwise the
+    first eos id (the pad id may equal it)."""
+    if eos_token_id == 2:
+        return input_ids.argmax(dim=-1)
+    return (input_ids == eos_token_id).int().argmax(dim=-1)
+
+
 def contrastive_loss(image_embeds, text_embeds, logit_scale):
     """CLIP's objective (Radford et al. 2021, Fig. 3) for B matching pairs: both embeddings
     L2-normalised, their (B, B) similarities scaled by exp(logit_scale) (capped at 100, as CLIP), and a
@@ -427,18 +449,20 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP ViT-L/14 without its last block and `ln_post`, then BLIP-2's `ln_vision` (`post_layernorm`)."""
+    """CLIP ViT-L/14 without its last block and `ln_post`, then BLIP-2's `ln_vision` (`post_layernorm`).
+    With other configs: CLIP ViT-B/32 whole, `post_layernorm` being CLIP's `ln_post`; with two parts
+    replaced, DINO's ViT-S/16, `post_layernorm` being ViT's final `layernorm` (metrics.DINOViT)."""
 
     def __init__(self, cfg=None):
         super().__init__()
         self.config = cfg = cfg or VisionConfig()
-        check_activation(cfg)
+        act = check_activation(cfg, ("quick_gelu", "gelu"))
         D = cfg.hidden_size
         self.embeddings = VisionEmbeddings(cfg)
         self.pre_layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.encoder = Encoder([
             EncoderLayer(VisionAttention(D, cfg.num_attention_heads, cfg.qkv_bias), D, cfg.intermediate_size,
-                         cfg.layer_norm_eps)
+                         cfg.layer_norm_eps, act)
             for _ in range(cfg.num_hidden_layers)])
         self.post_layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
 
@@ -454,3 +478,41 @@ class VisionTransformer(nn.Module):
         with torch.device("meta"):
             model = cls(config_from_dict(VisionConfig, config))
         return load_strict(model, sd, source).eval()
+
+
+# transformers' CLIPVisionConfig defaults (ViT-B/32): a config.json omits the fields equal to these.
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def vision_keys_from_clip(sd, num_layers, source):
+    """The image tower of a transformers CLIPVisionModel or CLIPModel file -> VisionTransformer's tensors
+    for its embeddings, `pre_layernorm` and blocks 0..num_layers-1. `sd` holds the file's `vision_model.*`
+    tensors without that prefix; what is taken is removed from it, and the caller decides the rest
+    (`post_layernorm`, later blocks, leftovers: blip2.vision_from_clip, evaluate.CLIPModel). Rules:
+    - q/k/v projections are packed as [q; k; v] into `qkv`, VisionAttention's one projection (OpenAI's
+      `in_proj`); `out_proj` is `projection`;
+    - class embedding (D) -> (1, 1, D), position table (1 + N, D) -> (1, 1 + N, D), as diffusers'
+      Blip2VisionModel keeps them;
+    - `pre_layrnorm` (sic) is our `pre_layernorm`;
+    - `embeddings.position_ids`, an arange buffer older transformers saved, is dropped.
+    """
+    def take(key):
+        if key not in sd:
+            raise CheckpointError(f"{source}: vision_model.{key} not found; not a CLIP image tower?")
+        return sd.pop(key)
+
+    out = {"embeddings.class_embedding": take("embeddings.class_embedding").reshape(1, 1, -1),
+           "embeddings.patch_embedding.weight": take("embeddings.patch_embedding.weight"),
+           "embeddings.position_embedding": take("embeddings.position_embedding.weight")[None]}
+    sd.pop("embeddings.position_ids", None)
+    for p in ("weight", "bias"):
+        out[f"pre_layernorm.{p}"] = take(f"pre_layrnorm.{p}")
+        for i in range(num_layers):
+            layer = f"encoder.layers.{i}."
+            qkv = [take(layer + f"self_attn.{x}_proj.{p}") for x in "qkv"]
+            out[layer + f"self_attn.qkv.{p}"] = torch.cat(qkv)  # [q; k; v] along the output rows
+            out[layer + f"self_attn.projection.{p}"] = take(layer + f"self_attn.out_proj.{p}")
+            for name in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+                out[layer + f"{name}.{p}"] = take(layer + f"{name}.{p}")
+    return out

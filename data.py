@@ -3,7 +3,8 @@ training records that train.py reads.
 
 Every command reads images the same way (`read_image`: any file PIL opens, in any mode, as 8-bit
 RGB, or a one-line error) and crops them the same way (`center_crop`: the short side resized to cover
-the target, then the centre cut out, LAVIS' and torchvision's Resize + CenterCrop).
+the target, then the centre cut out, LAVIS' and torchvision's Resize + CenterCrop; its `rounding`
+picks torchvision's or transformers' exact pixel rounding where a metric must equal theirs).
 
 Training reads JSONL manifests (`read_manifest`; `TOY_DATA` is the small toy-world set behind
 `--data toy`) or a folder of subject pictures (`subject_folder`), visits the records in an order that
@@ -61,12 +62,41 @@ def read_image(source, mode="RGB"):
                          f"give a PNG, JPEG or WebP") from None
 
 
-def center_crop(image, height, width, resample=Image.BICUBIC):
+def center_crop(image, height, width, resample=Image.BICUBIC, rounding="nearest", short_side=None):
     """Resize (bicubic) so the image covers height x width with its aspect ratio kept, then cut out
-    the centre: what LAVIS' Resize(short side) + CenterCrop does, for any target shape."""
-    scale = max(height / image.height, width / image.width)
-    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), resample)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
+    the centre: what LAVIS' Resize(short side) + CenterCrop does, for any target shape.
+
+    `rounding` says how the resized size and the crop's corner are rounded, where references differ
+    by a pixel (metrics.py must equal them exactly):
+    - "nearest" (the default): the resized sides rounded to the nearest pixel, the corner floored;
+    - "torchvision": Resize(short_side) + CenterCrop, as torchvision computes them: the long side
+      int(short_side * long / short), the corner int(round((H - height) / 2.0)), Python's round
+      (half to even); DINO's evaluation transform (facebookresearch/dino, eval_linear.py);
+    - "transformers": the same size, the corner (H - height) // 2: transformers' CLIPImageProcessor
+      (image_transforms.py, get_resize_output_image_size and center_crop).
+    `short_side` (those two only) is the resized short side, by default the crop's larger side.
+    """
+    if rounding == "nearest":
+        if short_side is not None:
+            raise ValueError("short_side is for rounding='torchvision' or 'transformers'")
+        scale = max(height / image.height, width / image.width)
+        image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                             resample)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        return image.crop((left, top, left + width, top + height))
+    if rounding not in ("torchvision", "transformers"):
+        raise ValueError(f"rounding {rounding!r}: use 'nearest', 'torchvision' or 'transformers'")
+    s = short_side or max(height, width)
+    short, long = min(image.size), max(image.size)
+    long = int(s * long / short)  # not (s / short) * long, which can land a hair below a whole number
+    image = image.resize((s, long) if image.width <= image.height else (long, s), resample)
+    if image.width < width or image.height < height:
+        raise ValueError(f"a {image.width}x{image.height} resize cannot hold a {width}x{height} crop; "
+                         f"give a larger short_side")
+    if rounding == "torchvision":
+        left, top = int(round((image.width - width) / 2.0)), int(round((image.height - height) / 2.0))
+    else:
+        left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
 

@@ -187,3 +187,48 @@ def tiny_reference_pipeline(folder, seed=0, context=77):
     for model in (text_encoder, qformer, unet, vae):
         model.eval()  # built in training mode: the Q-Former's and projection's dropout would be live
     return pipe
+
+
+# The published preprocessor_config.json of openai/clip-vit-base-patch32 (written by transformers 4.x as a
+# CLIPFeatureExtractor): short side 224, bicubic (PIL resample 3), centre crop 224, CLIP's mean/std.
+CLIP_B32_PREPROCESSOR = {
+    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+
+
+def tiny_reference_dino(folder, seed=0, safe=True, pooler=True, scale=0.3):
+    """A small random DINO in facebook/dino-vits16's layout: a transformers ViTModel (4.51.3) with the
+    published image and patch sizes (224, 16), so images are preprocessed at their real size, and a narrow
+    2-block tower; every tensor perturbed, saved under `folder` (.safetensors, or .bin if not `safe`;
+    with ViT's pooler weights if `pooler`). Returns the reference model, in eval mode."""
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                    image_size=224, patch_size=16)
+    ref = perturb(ViTModel(cfg, add_pooling_layer=pooler), seed, scale).eval()
+    ref.save_pretrained(folder, safe_serialization=safe)
+    return ref
+
+
+def tiny_reference_clip(folder, seed=0, safe=True, legacy_eos=True, scale=0.3):
+    """A small random CLIP in openai/clip-vit-base-patch32's layout: a transformers CLIPModel (4.51.3)
+    with the published image and patch sizes (224, 32) and narrow 2-block towers, the tiny CLIP tokenizer
+    (`write_clip_tokenizer`) and the published preprocessor_config.json; every tensor perturbed, saved
+    under `folder`. `legacy_eos`: the text config's eos_token_id is 2, as configs written before
+    transformers PR #24773 say (pooling at the highest id); else the tokenizer's <|endoftext|> id.
+    Returns the reference model, in eval mode."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    write_clip_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77,
+                eos_token_id=2 if legacy_eos else tokenizer.eos_token_id)
+    vision = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=224, patch_size=32)
+    ref = perturb(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), seed, scale)
+    ref.eval().save_pretrained(folder, safe_serialization=safe)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(CLIP_B32_PREPROCESSOR, f)
+    return ref
