@@ -277,7 +277,7 @@ def generate_missing(model, subject, args, sampling, out, bar, ctx=None):
 
 
 def contact_sheet(subject, records, path, side=128):
-    """The subject's references on the first row, then one row per prompt: its images with their scores."""
+    """The subject's references on the first row, then one row per prompt: its images, in order."""
     rows = [[read_image(p) for p in subject.images]]
     for prompt in subject.prompts:
         rows.append([read_image(r["path"]) for r in records if r["prompt"] == prompt.text])
