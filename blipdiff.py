@@ -337,7 +337,7 @@ class BlipDiffusion(nn.Module):
         opt = sampling_options(sampling, **options)
         guidance = self.guidance if opt.guidance is None else opt.guidance
         check_size(opt.height, opt.width)
-        sampler = make_sampler(opt.scheduler, opt.steps, self.scheduler_config.get("steps_offset"))
+        sampler = make_sampler(opt.scheduler, opt.steps, self.scheduler_config)
         ctx, target_text = self.subject_and_word(subject_images, subject_text, target_text, subject_weights,
                                                 ctx_embeddings, center_crop)
         n = opt.num_images

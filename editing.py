@@ -291,7 +291,7 @@ def edit_generated(model, prompt, src_word, tgt_word, subject_images=None, subje
     crashes); both branches are guided."""
     sampling, edit = edit_options(sampling, edit, options)
     ctx = subject_of(model, subject_images, subject_text or tgt_word, ctx_embeddings)
-    sampler = make_sampler(sampling.scheduler, sampling.steps, model.scheduler_config.get("steps_offset"))
+    sampler = make_sampler(sampling.scheduler, sampling.steps, model.scheduler_config)
     latents = initial_latents(1, model.latent_shape(sampling.height, sampling.width), sampling.seed)
     latents = edit_latents(model, latents.to(model.device, model.dtype), prompt, (src_word, tgt_word), ctx,
                            sampler, sampling=sampling, edit=edit, callback=callback, progress=progress)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from checkpoint import write_atomically
-from controlnet import CANNY_HIGH, CANNY_LOW
+from controlnet import CANNY_HIGH, CANNY_LOW, Control
 from data import IMAGE_EXTENSIONS, ImageError, image_files, read_image
 
 OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npy")
@@ -86,24 +86,37 @@ def write_outputs(path, array):
 
 
 def check_control(args):
-    """The control image (a PIL image) for --control, or None, read and checked before any work."""
-    if args.control is None:
-        if args.control_image:
-            raise InputError("--control-image needs --control canny (edges of a photo) or --control image (a map)")
-        return None
-    if not args.control_image:
-        raise InputError(f"--control {args.control} needs --control-image PATH")
-    folder = args.controlnet or os.path.join(args.weights, "controlnet")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise InputError(f"{folder}: no ControlNet there; give --controlnet DIR (e.g. weights/sd-controlnet-canny, "
-                         f"see weights/README.md)")
-    return read_images(args.control_image)[0]
+    """The structure controls asked for -> [(kind, control image, ControlNet folder, scale)], read and
+    checked before any work. --control, --control-image, --controlnet and --control-scale are matched by
+    order; a missing --controlnet is WEIGHTS/controlnet, one --control-scale applies to all."""
+    kinds, images, folders, scales = args.control, args.control_image, args.controlnet, args.control_scale
+    if not kinds:
+        for flag, given in (("--control-image", images), ("--controlnet", folders), ("--control-scale", scales)):
+            if given:
+                raise InputError(f"{flag} needs --control canny (edges of a photo) or --control image (a map)")
+        return []
+    n = len(kinds)
+    if not images:
+        raise InputError(f"--control {kinds[0]} needs --control-image PATH")
+    if len(images) != n:
+        raise InputError(f"{n} --control but {len(images)} --control-image: give one image per --control, in order")
+    if len(folders) > n:
+        raise InputError(f"{n} --control but {len(folders)} --controlnet: give at most one ControlNet per --control")
+    if len(scales) not in (0, 1, n):
+        raise InputError(f"{n} --control but {len(scales)} --control-scale: give one scale for all, or one each")
+    folders = folders + [os.path.join(args.weights, "controlnet")] * (n - len(folders))
+    scales = [1.0] * n if not scales else scales * n if len(scales) == 1 else scales
+    for folder in folders:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise InputError(f"{folder}: no ControlNet there; give --controlnet DIR (e.g. "
+                             f"weights/sd-controlnet-canny, see weights/README.md)")
+    return [(kind, read_images(image)[0], folder, scale) for kind, image, folder, scale in zip(kinds, images, folders, scales)]
 
 
-def control_map(args, image):
+def control_map(args, kind, image):
     """--control image: the map as it is; canny: the edges of the photo at the size generated (known
     once the model is read), so the structure lands where it is in the photo."""
-    if args.control == "image":
+    if kind == "image":
         return image
     from controlnet import canny_control_image
     return canny_control_image(image.resize((args.width, args.height), Image.BICUBIC), args.canny_low, args.canny_high)
@@ -153,18 +166,23 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed + k")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's, 512 published)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
-    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm",
-                   help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM")
+    p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
+                   help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM; dpm: DPM-Solver++(2M), "
+                        "as good at 25 steps (see docs/usage.md)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--center-crop", action="store_true",
                    help="LAVIS-style subject preprocessing (short side resize + centre crop) instead of diffusers' squash")
-    g = p.add_argument_group("structure control (ControlNet, paper §3.3)")
-    g.add_argument("--control", choices=("canny", "image"), default=None,
+    g = p.add_argument_group("structure control (ControlNet, paper §3.3); repeat the four flags for several "
+                             "ControlNets at once, matched by order, their residuals summed")
+    g.add_argument("--control", choices=("canny", "image"), action="append", default=[],
                    help="canny: edges of --control-image steer the layout; image: --control-image is the map itself")
-    g.add_argument("--control-image", default=None, metavar="PATH", help="the photo (canny) or the control map (image)")
-    g.add_argument("--control-scale", type=float, default=1.0, help="ControlNet residual scale; 0 turns it off")
-    g.add_argument("--controlnet", default=None, metavar="DIR",
-                   help="ControlNet folder (e.g. lllyasviel/sd-controlnet-canny); default WEIGHTS/controlnet")
+    g.add_argument("--control-image", action="append", default=[], metavar="PATH",
+                   help="the photo (canny) or the control map (image), one per --control")
+    g.add_argument("--control-scale", type=float, action="append", default=[],
+                   help="ControlNet residual scale (default 1.0; 0 turns it off): one for all, or one per --control")
+    g.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="ControlNet folder (e.g. lllyasviel/sd-controlnet-canny), one per --control; "
+                        "default WEIGHTS/controlnet")
     g.add_argument("--canny-low", type=float, default=CANNY_LOW, help="Canny's low threshold (0-255 gradient scale)")
     g.add_argument("--canny-high", type=float, default=CANNY_HIGH, help="Canny's high threshold")
     g = p.add_argument_group("subject-driven editing (prompt-to-prompt, paper §3.3)")
@@ -195,7 +213,7 @@ def main(argv=None):
             raise InputError(f"{len(args.subject)} --subject but {len(args.subject_weight)} --subject-weight: give one per subject")
         check_output(args.out)
         subjects = [read_images(path) for path in args.subject]
-        control_image = check_control(args)
+        controls = check_control(args)
         edit_image = check_edit(args, subjects)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -213,19 +231,16 @@ def main(argv=None):
     start = time.time()
     try:
         model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
-        controlnet = None
-        if control_image is not None:
-            from controlnet import ControlNet
-            controlnet = ControlNet.from_pretrained(args.controlnet or os.path.join(args.weights, "controlnet"))
-            controlnet.to(device, dtype)
+        nets = {}  # each folder read once, however many --control use it
+        for _, _, folder, _ in controls:
+            if folder not in nets:
+                from controlnet import ControlNet
+                nets[folder] = ControlNet.from_pretrained(folder).to(device, dtype)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
-    control = None
-    if controlnet is not None:
-        from controlnet import Control
-        control = Control(controlnet, control_map(args, control_image), args.control_scale)
+    control = [Control(nets[folder], control_map(args, kind, image), scale) for kind, image, folder, scale in controls]
     sampling = Sampling(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
                         scheduler=args.scheduler, num_images=args.num_images, negative_prompt=args.negative_prompt)
     if args.edit_word:
@@ -247,7 +262,7 @@ def main(argv=None):
         return 0
     array = model.generate(args.prompt, subjects or None, args.subject_text or None, sampling,
                            target_text=args.target_text, subject_weights=args.subject_weight or None,
-                           center_crop=args.center_crop, control=control, output="np")
+                           center_crop=args.center_crop, control=control or None, output="np")
     written = write_outputs(args.out, array)
     n = args.num_images
     print(f"wrote {written[0]} ({n} image{'s' * (n > 1)}, {args.width}x{args.height}"

@@ -319,7 +319,8 @@ def main():
     p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
-    p.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm", help="pndm: the published scheduler")
+    p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
+                   help="pndm: the published scheduler; dpm: DPM-Solver++(2M), as sample.py")
     p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
     p.add_argument("--finetune-lr", type=float, default=2e-4,
                    help="fine-tuning lr; the toy model is small (LAVIS' 5e-6 is for the published model)")

@@ -70,6 +70,27 @@ def test_generate_equals_reference_ddim(models):
     assert np.abs(out - ref).max() <= 1e-4
 
 
+@pytest.mark.parametrize("steps,negative", [(8, ""), (20, ""), (8, "blurry, lowres")])
+def test_generate_equals_reference_dpm_solver(models, tiny_pipeline, steps, negative):
+    """--scheduler dpm: diffusers' BlipDiffusionPipeline with DPMSolverMultistepScheduler.from_config of
+    the folder's own scheduler config swapped in."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+    pipe, ours = models
+    saved = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        PNDMScheduler.from_pretrained(tiny_pipeline[1], subfolder="scheduler").config)
+    try:
+        ref = reference(pipe, image(3), 9, num_inference_steps=steps, neg_prompt=negative)
+    finally:
+        pipe.scheduler = saved
+    out = ours.generate("swimming underwater", [image(3)], "dog", negative_prompt=negative, steps=steps, seed=9,
+                        scheduler="dpm", output="np", progress=False, **SIZE)
+    assert np.abs(out - ref).max() <= 2e-3
+    pndm = ours.generate("swimming underwater", [image(3)], "dog", negative_prompt=negative, steps=steps, seed=9,
+                         output="np", progress=False, **SIZE)
+    assert np.abs(out - pndm).max() > 1e-3  # another sampler, another picture
+
+
 def test_target_text_and_pil_output(models):
     pipe, ours = models
     ref = reference(pipe, image(2), 3, target_subject_category=["cat"])

@@ -139,6 +139,57 @@ def test_generate_equals_reference_pipeline(models, guidance):
     assert np.abs(out - plain).max() > 1e-3  # the control really acts
 
 
+class TwoControlNets(torch.nn.Module):
+    """diffusers' MultiControlNetModel semantics in the reference pipeline, which takes one ControlNet:
+    the first net on the pipeline's control image, the second on its own (prepared as the pipeline
+    prepares one), each scaled, the residuals summed."""
+
+    def __init__(self, first, second, second_image, scales):
+        super().__init__()
+        self.first, self.second, self.second_image, self.scales = first, second, second_image, scales
+
+    @property
+    def dtype(self):
+        return self.first.dtype
+
+    @property
+    def device(self):
+        return self.first.device
+
+    def forward(self, x, t, encoder_hidden_states, controlnet_cond, return_dict=False):
+        (d1, m1), (d2, m2) = [net(x, t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
+                                  conditioning_scale=scale, return_dict=False)
+                              for net, image, scale in zip((self.first, self.second),
+                                                           (controlnet_cond, self.second_image), self.scales)]
+        return [a + b for a, b in zip(d1, d2)], m1 + m2
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_two_controlnets_equal_reference_pipeline(models, tmp_path, guidance):
+    ref, ours, controlnet = models
+    second_ref = reference(seed=5)
+    second_ref.save_pretrained(tmp_path / "second")
+    second = ControlNet.from_pretrained(str(tmp_path / "second")).eval()
+    edges, other = canny_control_image(disc(), 30, 70), picture(6, 32, 24)
+    second_image = ref.prepare_control_image(other, 24, 32, 1, 1, "cpu", torch.float32, guidance > 1.0)
+    single = ref.controlnet
+    ref.controlnet = TwoControlNets(single, second_ref, second_image, (0.8, 0.5))
+    try:
+        expected = ref(prompt=["on a marble table"], reference_image=picture(0), condtioning_image=edges,  # (sic)
+                       source_subject_category=["dog"], target_subject_category=["dog"], guidance_scale=guidance,
+                       num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(4),
+                       **SIZE).images
+    finally:
+        ref.controlnet = single
+    out = ours.generate("on a marble table", [picture(0)], "dog", guidance=guidance, steps=3, seed=4,
+                        control=[Control(controlnet, edges, 0.8), Control(second, other, 0.5)], output="np",
+                        progress=False, **SIZE)
+    assert np.abs(out - expected).max() <= 2e-3
+    one = ours.generate("on a marble table", [picture(0)], "dog", guidance=guidance, steps=3, seed=4,
+                        control=Control(controlnet, edges, 0.8), output="np", progress=False, **SIZE)
+    assert np.abs(out - one).max() > 1e-3  # the second ControlNet acts
+
+
 def test_zero_control_scale_is_plain_generation(models):
     _, ours, controlnet = models
     kw = dict(steps=2, seed=1, output="np", progress=False, **SIZE)

@@ -29,20 +29,25 @@ def run(folder, subject, out, *extra):
     return sample.main(argv)
 
 
-@pytest.mark.parametrize("extra,guidance,negative,ddim", [
-    ((), 7.5, "", False),
-    (("--negative-prompt", "blurry, lowres"), 7.5, "blurry, lowres", False),
-    (("--guidance", "1"), 1.0, "", False),
-    (("--scheduler", "ddim", "--negative-prompt", "ugly"), 7.5, "ugly", True),
+@pytest.mark.parametrize("extra,guidance,negative,scheduler", [
+    ((), 7.5, "", "pndm"),
+    (("--negative-prompt", "blurry, lowres"), 7.5, "blurry, lowres", "pndm"),
+    (("--guidance", "1"), 1.0, "", "pndm"),
+    (("--scheduler", "ddim", "--negative-prompt", "ugly"), 7.5, "ugly", "ddim"),
+    (("--scheduler", "dpm"), 7.5, "", "dpm"),
 ])
-def test_output_equals_reference_pipeline(tiny_pipeline, subject, tmp_path, extra, guidance, negative, ddim):
+def test_output_equals_reference_pipeline(tiny_pipeline, subject, tmp_path, extra, guidance, negative, scheduler):
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
     pipe, folder = tiny_pipeline
     assert run(folder, subject, tmp_path / "x.npy", *extra) == 0
     out = np.load(tmp_path / "x.npy")
     saved = pipe.scheduler
-    if ddim:  # what --scheduler ddim promises: Stable Diffusion v1.5's DDIM settings
+    if scheduler == "ddim":  # what --scheduler ddim promises: Stable Diffusion v1.5's DDIM settings
         pipe.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if scheduler == "dpm":  # DPM-Solver++ from the folder's own scheduler config, as diffusers builds it
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            PNDMScheduler.from_pretrained(folder, subfolder="scheduler").config)
     try:
         ref = pipe(prompt=["swimming underwater"], reference_image=Image.open(subject), source_subject_category=["dog"],
                    target_subject_category=["dog"], guidance_scale=guidance, neg_prompt=negative, height=32, width=32,
@@ -197,6 +202,28 @@ def test_canny_control_at_the_models_own_size(with_controlnet, subject, tmp_path
     assert np.load(tmp_path / "x.npy").shape == (1, side, side, 3)
 
 
+def test_two_controlnets_equal_the_api(with_controlnet, subject, tmp_path):
+    """--control twice: each ControlNet on its own image at its own scale, matched by order, residuals
+    summed; one folder serves both, and a missing --controlnet is the weights folder's controlnet/."""
+    from blipdiff import BlipDiffusion
+    from controlnet import Control, ControlNet, canny_control_image
+    edges_photo, depth_map = photo(tmp_path / "photo.png"), str(tmp_path / "map.png")
+    Image.fromarray((np.indices((32, 32)).sum(0) * 4).astype(np.uint8)).convert("RGB").save(depth_map)
+    two = ["--control", "canny", "--control-image", edges_photo, "--control-scale", "0.7",
+           "--control", "image", "--control-image", depth_map, "--control-scale", "0.4",
+           "--controlnet", os.path.join(with_controlnet, "controlnet")]
+    assert run(with_controlnet, subject, tmp_path / "two.npy", *two) == 0
+    model = BlipDiffusion.from_pretrained(with_controlnet)
+    net = ControlNet.from_pretrained(os.path.join(with_controlnet, "controlnet"))
+    control = [Control(net, canny_control_image(Image.open(edges_photo))), Control(net, Image.open(depth_map))]
+    control = [control[0]._replace(scale=0.7), control[1]._replace(scale=0.4)]
+    ref = model.generate("swimming underwater", [Image.open(subject)], "dog", steps=3, seed=5, height=32, width=32,
+                         control=control, output="np", progress=False)
+    assert np.abs(np.load(tmp_path / "two.npy") - ref).max() <= 1e-5
+    assert run(with_controlnet, subject, tmp_path / "one.npy", *two[:6]) == 0
+    assert np.abs(np.load(tmp_path / "one.npy") - ref).max() > 1e-4  # the second one acts
+
+
 def test_edit_generated_and_real_equal_the_api(tiny_pipeline, subject, tmp_path):
     import editing
     from blipdiff import BlipDiffusion
@@ -221,6 +248,15 @@ def test_bad_control_and_edit_flags(tiny_pipeline, subject, tmp_path, capsys):
     assert "needs --control-image" in bad(capsys, tmp_path, base + ["--control", "canny"])
     assert "needs --control canny" in bad(capsys, tmp_path, base + ["--control-image", subject])
     assert "no ControlNet there" in bad(capsys, tmp_path, base + ["--control", "canny", "--control-image", subject])
+    # Several ControlNets are matched by order: the counts must agree (a repeated --control used to keep
+    # only the last one, silently).
+    two = ["--control", "canny", "--control", "image"]
+    assert "2 --control but 1 --control-image" in bad(capsys, tmp_path, base + two + ["--control-image", subject])
+    assert "2 --control but 3 --control-scale" in bad(capsys, tmp_path, base + two + ["--control-image", subject] * 2
+                                                      + ["--control-scale", "1"] * 3)
+    assert "1 --control but 2 --controlnet" in bad(capsys, tmp_path, base + ["--control", "canny", "--control-image",
+                                                                              subject, "--controlnet", folder] * 1
+                                                   + ["--controlnet", folder])
     assert "needs --edit-word" in bad(capsys, tmp_path, base + ["--edit", subject])
     assert "one subject and one image" in bad(capsys, tmp_path, base + ["--edit-word", "cat", "--num-images", "2"])
 

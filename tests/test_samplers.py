@@ -73,6 +73,36 @@ def test_ddim_steps_equal_reference(steps):
     run(DDIM(steps), ref, steps)
 
 
+def reference_dpm(tmp_path, steps, offset, explicit_spacing):
+    """diffusers' DPMSolverMultistepScheduler as `from_config` builds it from a folder's PNDM config:
+    the file as diffusers writes it (timestep_spacing named), or as BLIP-Diffusion's published one
+    (a diffusers 0.16 file, without it). -> (the reference, the config dict our sampler reads)."""
+    import json
+    from diffusers import DPMSolverMultistepScheduler
+    reference_pndm(offset).save_pretrained(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    if not explicit_spacing:
+        del config["timestep_spacing"]
+        path.write_text(json.dumps(config))
+    ref = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_pretrained(tmp_path).config)
+    ref.set_timesteps(steps)
+    return ref, config
+
+
+@pytest.mark.parametrize("steps,offset,explicit", [(20, 0, True), (8, 0, True), (25, 1, True), (1, 0, True),
+                                                   (20, 0, False), (8, 0, False), (3, 0, False)])
+def test_dpm_solver_equals_reference(tmp_path, steps, offset, explicit):
+    ref, config = reference_dpm(tmp_path, steps, offset, explicit)
+    ours = make_sampler("dpm", steps, config)
+    assert ours.timesteps == ref.timesteps.tolist() and len(ours.timesteps) == steps  # N steps, N UNet calls
+    if (steps, offset, explicit) == (20, 0, True):
+        assert ours.timesteps[:3] == [940, 893, 846]  # leading: (N - i)·⌊1000/21⌋
+    if (steps, explicit) == (20, False):
+        assert ours.timesteps[:3] == [999, 949, 899]  # linspace over 0..999
+    run(ours, ref, steps)
+
+
 def test_make_sampler_rejects_bad_input():
     with pytest.raises(ValueError, match="positive"):
         make_sampler("pndm", 0)
