@@ -225,11 +225,15 @@ class BlipDiffusion(nn.Module):
             os.makedirs(os.path.join(tmp, "bert_tokenizer"))
             shutil.copyfile(self.qformer_vocab, os.path.join(tmp, "bert_tokenizer", "vocab.txt"))
             os.makedirs(os.path.join(tmp, "scheduler"))
+            # timestep_spacing only where the config read named it: diffusers' DPM-Solver takes the
+            # spacing from the file or its own default (diffusion.DPMSolver), so writing it would change
+            # what --scheduler dpm samples the saved model with.
+            spacing = {k: v for k, v in self.scheduler_config.items() if k == "timestep_spacing"}
             write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), {
                 "_class_name": "PNDMScheduler", "beta_start": BETA_START, "beta_end": BETA_END,
                 "beta_schedule": "scaled_linear", "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
                 "skip_prk_steps": True, "set_alpha_to_one": False, "prediction_type": "epsilon",
-                "timestep_spacing": "leading", "steps_offset": self.scheduler_config.get("steps_offset", 0)})
+                **spacing, "steps_offset": self.scheduler_config.get("steps_offset") or 0})
             os.makedirs(os.path.join(tmp, "image_processor"))
             h, w = self.image_size
             write_json(os.path.join(tmp, "image_processor", "preprocessor_config.json"),

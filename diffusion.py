@@ -163,13 +163,13 @@ def dpm_first_order(x, x0, s, t):
 
 def dpm_second_order(x, x0, x0_prev, s_prev, s, t):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2, diffusers' "midpoint" form): with the previous
-    step's x0_prev at s_prev, D = x0 + (x0 − x0_prev)/(2r), r = h_prev/h, then the first-order step with
-    D: x_t = (σ_t/σ_s)·x − α_t·(e^{−h} − 1)·D."""
+    step's x0_prev at s_prev, D1 = (x0 − x0_prev)/r, r = h_prev/h, the first-order step with x0 + D1/2:
+    x_t = (σ_t/σ_s)·x − α_t·(e^{−h} − 1)·x0 − ½·α_t·(e^{−h} − 1)·D1 (in diffusers' order of terms)."""
     lam = [math.log(a / b) for a, b in (vp(s_prev), vp(s), vp(t))]
     h, h_prev = lam[2] - lam[1], lam[1] - lam[0]
     sigma_s, (alpha_t, sigma_t) = vp(s)[1], vp(t)
-    d = x0 + (x0 - x0_prev) * (0.5 * h / h_prev)
-    return (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * d
+    c, d1 = alpha_t * math.expm1(-h), (h / h_prev) * (x0 - x0_prev)
+    return (sigma_t / sigma_s) * x - c * x0 - (0.5 * c) * d1
 
 
 class DPMSolver:
@@ -179,13 +179,17 @@ class DPMSolver:
     calls. The timesteps: "leading" (t_i = (N − i)·⌊T/(N+1)⌋ + steps_offset) where the config names its
     timestep_spacing, as every config diffusers >= 0.17 writes; otherwise DPM's own default, "linspace"
     (t_i = round((T − 1)·(N − i)/N)), since from_config does not carry over a field the file left to its
-    default (BLIP-Diffusion's published config, a diffusers 0.16 file, has none). The update is computed
-    in float32 whatever the latents' dtype, as diffusers does."""
+    default (BLIP-Diffusion's published config, a diffusers 0.16 file, has none). The data prediction
+    is in the latents' dtype, the update in float32, as diffusers computes them; in float32 the two
+    agree to rounding, in fp16 or bf16 they round differently, by about as much as either differs
+    from float32."""
 
     def __init__(self, num_steps, steps_offset=0, spacing="leading", alphas=None):
         alphas = alphas_cumprod() if alphas is None else alphas
         T, N = len(alphas), num_steps
-        if spacing == "leading":
+        if T // (N + 1) < 1:  # the timesteps would repeat (diffusers then divides by zero or reads past the end)
+            raise ValueError(f"the dpm sampler takes at most {T - 1} steps, got {N}")
+        if spacing == "leading":  # the only spacing a BLIP-Diffusion (PNDM) config may name; else DPM's default
             self.timesteps = [i * (T // (N + 1)) + steps_offset for i in range(N, 0, -1)]
         else:  # numpy's round, half to even, as the reference
             self.timesteps = [int(t) for t in np.linspace(0, T - 1, N + 1).round()[::-1][:-1]]
@@ -193,15 +197,15 @@ class DPMSolver:
         self.index, self.x0_prev = 0, None
 
     def step(self, eps, t, x):
-        """The step from the i-th timestep (t) to the next: x0 = (x − σ·ε)/α, then first or second order."""
+        """The step from the i-th timestep (t) to the next: x0 = (x − σ·ε)/α, then first or second order.
+        As diffusers: the data prediction in the latents' dtype, the update in float32."""
         i, dtype = self.index, x.dtype
-        x, eps = x.float(), eps.float()
         alpha_s, sigma_s = vp(self.sigmas[i])
         x0 = (x - sigma_s * eps) / alpha_s  # the data prediction of ε-prediction
         if self.x0_prev is None or i == len(self.timesteps) - 1:
-            out = dpm_first_order(x, x0, self.sigmas[i], self.sigmas[i + 1])
+            out = dpm_first_order(x.float(), x0, self.sigmas[i], self.sigmas[i + 1])
         else:
-            out = dpm_second_order(x, x0, self.x0_prev, self.sigmas[i - 1], self.sigmas[i], self.sigmas[i + 1])
+            out = dpm_second_order(x.float(), x0, self.x0_prev, self.sigmas[i - 1], self.sigmas[i], self.sigmas[i + 1])
         self.index, self.x0_prev = i + 1, x0
         return out.to(dtype)
 
@@ -215,11 +219,11 @@ def make_sampler(name, num_steps, config=None):
     if num_steps < 1:
         raise ValueError(f"steps must be positive, got {num_steps}")
     if name == "pndm":
-        return PNDM(num_steps, config.get("steps_offset", 0))
+        return PNDM(num_steps, config.get("steps_offset") or 0)
     if name == "ddim":
         return DDIM(num_steps, steps_offset=1)
     if name == "dpm":
-        return DPMSolver(num_steps, config.get("steps_offset", 0), config.get("timestep_spacing", "linspace"))
+        return DPMSolver(num_steps, config.get("steps_offset") or 0, config.get("timestep_spacing", "linspace"))
     raise ValueError(f"unknown scheduler {name!r}: use pndm, ddim or dpm")
 
 

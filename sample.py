@@ -168,7 +168,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
                    help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM; dpm: DPM-Solver++(2M), "
-                        "as good at 25 steps (see docs/usage.md)")
+                        "as good at 25 steps on the toy evaluation (docs/usage.md)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--center-crop", action="store_true",
                    help="LAVIS-style subject preprocessing (short side resize + centre crop) instead of diffusers' squash")

@@ -70,15 +70,29 @@ def test_generate_equals_reference_ddim(models):
     assert np.abs(out - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("steps,negative", [(8, ""), (20, ""), (8, "blurry, lowres")])
-def test_generate_equals_reference_dpm_solver(models, tiny_pipeline, steps, negative):
+@pytest.mark.parametrize("steps,negative,named_spacing", [(8, "", True), (20, "", True), (8, "blurry, lowres", True),
+                                                         (20, "blurry, lowres", True), (20, "", False)])
+def test_generate_equals_reference_dpm_solver(models, tiny_pipeline, tmp_path, steps, negative, named_spacing):
     """--scheduler dpm: diffusers' BlipDiffusionPipeline with DPMSolverMultistepScheduler.from_config of
-    the folder's own scheduler config swapped in."""
+    the folder's own scheduler config swapped in; a config as diffusers writes it (timestep_spacing
+    named, "leading") or as BLIP-Diffusion's published one (none named: DPM's "linspace")."""
+    import json
+    import shutil
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
     pipe, ours = models
+    folder = tiny_pipeline[1]
+    if not named_spacing:
+        folder = str(tmp_path / "published")
+        shutil.copytree(tiny_pipeline[1], folder)
+        path = tmp_path / "published" / "scheduler" / "scheduler_config.json"
+        config = json.loads(path.read_text())
+        del config["timestep_spacing"]
+        path.write_text(json.dumps(config))
+        ours = BlipDiffusion.from_pretrained(folder)
     saved = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        PNDMScheduler.from_pretrained(tiny_pipeline[1], subfolder="scheduler").config)
+        PNDMScheduler.from_pretrained(folder, subfolder="scheduler").config)
+    assert pipe.scheduler.config.timestep_spacing == ("leading" if named_spacing else "linspace")
     try:
         ref = reference(pipe, image(3), 9, num_inference_steps=steps, neg_prompt=negative)
     finally:

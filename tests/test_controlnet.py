@@ -140,28 +140,27 @@ def test_generate_equals_reference_pipeline(models, guidance):
 
 
 class TwoControlNets(torch.nn.Module):
-    """diffusers' MultiControlNetModel semantics in the reference pipeline, which takes one ControlNet:
-    the first net on the pipeline's control image, the second on its own (prepared as the pipeline
-    prepares one), each scaled, the residuals summed."""
+    """Two ControlNets in the reference pipeline, which takes one: diffusers' own MultiControlNetModel
+    (each net on its own image at its own scale, the residuals summed), given the pipeline's control
+    image for the first and a second one (prepared as the pipeline prepares one) for the second."""
 
     def __init__(self, first, second, second_image, scales):
         super().__init__()
-        self.first, self.second, self.second_image, self.scales = first, second, second_image, scales
+        from diffusers.pipelines.controlnet.multicontrolnet import MultiControlNetModel
+        self.nets, self.second_image, self.scales = MultiControlNetModel([first, second]), second_image, scales
 
     @property
     def dtype(self):
-        return self.first.dtype
+        return self.nets.nets[0].dtype
 
     @property
     def device(self):
-        return self.first.device
+        return self.nets.nets[0].device
 
     def forward(self, x, t, encoder_hidden_states, controlnet_cond, return_dict=False):
-        (d1, m1), (d2, m2) = [net(x, t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
-                                  conditioning_scale=scale, return_dict=False)
-                              for net, image, scale in zip((self.first, self.second),
-                                                           (controlnet_cond, self.second_image), self.scales)]
-        return [a + b for a, b in zip(d1, d2)], m1 + m2
+        return self.nets(x, t, encoder_hidden_states=encoder_hidden_states,
+                         controlnet_cond=[controlnet_cond, self.second_image], conditioning_scale=list(self.scales),
+                         return_dict=False)
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])

@@ -61,7 +61,7 @@ def test_identity_controller_equals_generate(model, ctx):
     assert np.abs(decode(model, out) - ref).max() <= 1e-5  # explicit softmax vs SDPA: rounding only
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", "ddim"])  # LAVIS' DDIM generation path crashes
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpm"])  # LAVIS' DDIM generation path crashes
 def test_full_and_empty_masks(model, ctx, scheduler):
     # Full mask, no attention replacement: the edit is the plain target generation (one prompt copy,
     # as the editing target prompt has), and the source is the plain-CLIP source generation.
@@ -70,8 +70,8 @@ def test_full_and_empty_masks(model, ctx, scheduler):
                             scheduler=scheduler, output="np", progress=False, **SIZE)[0]
     assert np.abs(edited - target).max() <= 1e-4
     cond = model.encode_text([build_prompt(PROMPT, "cat", prompt_reps=1)])
-    plain = denoise(model.unet, initial_latents(1, (4, 16, 16), 4), cond, make_sampler(scheduler, 6),
-                    model.encode_text([""]), 7.5)
+    plain = denoise(model.unet, initial_latents(1, (4, 16, 16), 4), cond,
+                    make_sampler(scheduler, 6, model.scheduler_config), model.encode_text([""]), 7.5)
     assert np.abs(source - decode(model, plain)[0]).max() <= 1e-4
     # With the replacement on, the target is no longer its plain generation.
     _, replaced = edit(model, ctx, scheduler=scheduler, threshold=-1.0)

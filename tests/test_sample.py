@@ -203,25 +203,29 @@ def test_canny_control_at_the_models_own_size(with_controlnet, subject, tmp_path
 
 
 def test_two_controlnets_equal_the_api(with_controlnet, subject, tmp_path):
-    """--control twice: each ControlNet on its own image at its own scale, matched by order, residuals
-    summed; one folder serves both, and a missing --controlnet is the weights folder's controlnet/."""
+    """--control twice: each ControlNet on its own image, matched by order, residuals summed. One
+    --controlnet for two controls goes to the first, the second takes the weights folder's controlnet/;
+    one --control-scale goes to both."""
     from blipdiff import BlipDiffusion
     from controlnet import Control, ControlNet, canny_control_image
+    from test_controlnet import reference as tiny_controlnet
+    tiny_controlnet(seed=7).save_pretrained(tmp_path / "other")
     edges_photo, depth_map = photo(tmp_path / "photo.png"), str(tmp_path / "map.png")
     Image.fromarray((np.indices((32, 32)).sum(0) * 4).astype(np.uint8)).convert("RGB").save(depth_map)
-    two = ["--control", "canny", "--control-image", edges_photo, "--control-scale", "0.7",
-           "--control", "image", "--control-image", depth_map, "--control-scale", "0.4",
-           "--controlnet", os.path.join(with_controlnet, "controlnet")]
+    two = ["--control", "canny", "--control-image", edges_photo, "--controlnet", str(tmp_path / "other"),
+           "--control", "image", "--control-image", depth_map, "--control-scale", "0.6"]
     assert run(with_controlnet, subject, tmp_path / "two.npy", *two) == 0
     model = BlipDiffusion.from_pretrained(with_controlnet)
-    net = ControlNet.from_pretrained(os.path.join(with_controlnet, "controlnet"))
-    control = [Control(net, canny_control_image(Image.open(edges_photo))), Control(net, Image.open(depth_map))]
-    control = [control[0]._replace(scale=0.7), control[1]._replace(scale=0.4)]
+    other = ControlNet.from_pretrained(str(tmp_path / "other"))
+    default = ControlNet.from_pretrained(os.path.join(with_controlnet, "controlnet"))
+    control = [Control(other, canny_control_image(Image.open(edges_photo)), 0.6),
+               Control(default, Image.open(depth_map), 0.6)]
     ref = model.generate("swimming underwater", [Image.open(subject)], "dog", steps=3, seed=5, height=32, width=32,
                          control=control, output="np", progress=False)
     assert np.abs(np.load(tmp_path / "two.npy") - ref).max() <= 1e-5
-    assert run(with_controlnet, subject, tmp_path / "one.npy", *two[:6]) == 0
-    assert np.abs(np.load(tmp_path / "one.npy") - ref).max() > 1e-4  # the second one acts
+    swapped = [control[0]._replace(net=default), control[1]._replace(net=other)]
+    assert np.abs(ref - model.generate("swimming underwater", [Image.open(subject)], "dog", steps=3, seed=5,
+                                       height=32, width=32, control=swapped, output="np", progress=False)).max() > 1e-4
 
 
 def test_edit_generated_and_real_equal_the_api(tiny_pipeline, subject, tmp_path):
@@ -247,6 +251,8 @@ def test_bad_control_and_edit_flags(tiny_pipeline, subject, tmp_path, capsys):
             "--out", str(tmp_path / "x.png")]
     assert "needs --control-image" in bad(capsys, tmp_path, base + ["--control", "canny"])
     assert "needs --control canny" in bad(capsys, tmp_path, base + ["--control-image", subject])
+    assert "--controlnet needs --control" in bad(capsys, tmp_path, base + ["--controlnet", folder])
+    assert "--control-scale needs --control" in bad(capsys, tmp_path, base + ["--control-scale", "0.5"])
     assert "no ControlNet there" in bad(capsys, tmp_path, base + ["--control", "canny", "--control-image", subject])
     # Several ControlNets are matched by order: the counts must agree (a repeated --control used to keep
     # only the last one, silently).

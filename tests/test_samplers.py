@@ -106,5 +106,8 @@ def test_dpm_solver_equals_reference(tmp_path, steps, offset, explicit):
 def test_make_sampler_rejects_bad_input():
     with pytest.raises(ValueError, match="positive"):
         make_sampler("pndm", 0)
+    assert len(set(make_sampler("dpm", 999).timesteps)) == 999
+    with pytest.raises(ValueError, match="at most 999 steps"):  # its timesteps would repeat
+        make_sampler("dpm", 1000)
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_sampler("euler", 10)
