@@ -2,16 +2,21 @@
 
 Both run the same randomly initialised model at the published sizes (ViT-L/14 + Q-Former, SD-1.5's
 text encoder, UNet and VAE), loaded from one folder in the published layout that this script writes
-itself (no download), with the same subject image, prompt, seed, steps and size. Each method runs in a
-fresh process: the time of a whole `generate` call (best of --repeats, after a warm-up call), the time
-to load the folder, and the peak resident memory of the process. The outputs are compared too.
+itself (no download), with the same subject image, prompt, seed, steps, size, device and precision.
+Each method runs in a fresh process: the time to load the folder, the time of a whole `generate` call
+(the median of --repeats timed calls after a warm-up), the denoising steps per second that gives, and
+the peak memory (resident memory on the CPU; CUDA's peak allocation on a GPU). The methods alternate,
+--rounds times, and the figures are the medians over the rounds, so a machine that slows down or
+speeds up part-way through weighs on both alike. The outputs are compared too.
 
-    python bench_generate.py --size 256 --steps 10 --repeats 2
+    python bench_generate.py --size 256 --steps 10 --repeats 2                 # 2 CPU cores, fp32
+    python bench_generate.py --device cuda --dtype fp16 --size 512 --steps 50 --rounds 3 --finetune-steps 40
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,16 +81,20 @@ def write_folder(folder):
     pipe.save_pretrained(folder)
 
 
-def run(method, folder, size, steps, repeats, out):
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def run(method, folder, args, out):
     """One method in this (fresh) process; writes a JSON of figures and the images as .npy."""
     import torch
     from PIL import Image
     rng = np.random.RandomState(0)
     subject = Image.fromarray((rng.rand(256, 256, 3) * 255).astype(np.uint8))
+    device, dtype, size, steps = args.device, getattr(torch, DTYPES[args.dtype]), args.size, args.steps
     start = time.perf_counter()
     if method == "blipdiff":
         from blipdiff import BlipDiffusion
-        model = BlipDiffusion.from_pretrained(folder)
+        model = BlipDiffusion.from_pretrained(folder).to(device, dtype)
 
         def call():
             return model.generate(PROMPT, [subject], SUBJECT, steps=steps, seed=0, height=size, width=size,
@@ -106,24 +115,52 @@ def run(method, folder, size, steps, repeats, out):
             vae=AutoencoderKL.from_pretrained("vae"), unet=UNet2DConditionModel.from_pretrained("unet"),
             scheduler=PNDMScheduler.from_pretrained("scheduler"), qformer=Blip2QFormerModel.from_pretrained("qformer"),
             image_processor=BlipImageProcessor.from_pretrained("image_processor"), ctx_begin_pos=2,
-            mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
+            mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711]).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
 
-        def call():
-            return pipe(prompt=[PROMPT], reference_image=subject, source_subject_category=[SUBJECT],
-                        target_subject_category=[SUBJECT], num_inference_steps=steps, height=size, width=size,
-                        generator=torch.Generator().manual_seed(0), output_type="np").images
+        def call():  # "pt": diffusers' numpy output cannot hold bf16
+            images = pipe(prompt=[PROMPT], reference_image=subject, source_subject_category=[SUBJECT],
+                          target_subject_category=[SUBJECT], num_inference_steps=steps, height=size, width=size,
+                          generator=torch.Generator().manual_seed(0), output_type="pt").images
+            return images.float().permute(0, 2, 3, 1).cpu().numpy()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     load = time.perf_counter() - start
     with torch.no_grad():
         call()  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         times = []
-        for _ in range(repeats):
+        for _ in range(args.repeats):
+            sync()
             t0 = time.perf_counter()
             images = call()
+            sync()
             times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else peak_rss_gb()
     np.save(out + ".npy", images)
     with open(out + ".json", "w") as f:
-        json.dump({"load_s": load, "generate_s": min(times), "peak_rss_gb": peak_rss_gb()}, f)
+        json.dump({"load_s": load, "generate_s": statistics.median(times), "peak_gb": peak}, f)
+
+
+def finetune_time(folder, args):
+    """blipdiff's subject fine-tuning as a user runs it (train.py --stage finetune, LAVIS' recipe) on the
+    written model: the wall time of the whole command, and of its steps alone (diffusers has none)."""
+    from PIL import Image
+    subject = os.path.join(folder, "_subject")
+    os.makedirs(subject, exist_ok=True)
+    rng = np.random.RandomState(1)
+    for i in range(3):
+        Image.fromarray((rng.rand(512, 512, 3) * 255).astype(np.uint8)).save(os.path.join(subject, f"{i}.png"))
+    cmd = [sys.executable, "train.py", "--stage", "finetune", "--weights", folder, "--subject", subject,
+           "--subject-text", SUBJECT, "--steps", str(args.finetune_steps), "--out", os.path.join(folder, "_ft"),
+           "--log-every", "1", "--save-every", str(args.finetune_steps)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL)
+    total = time.perf_counter() - t0
+    with open(os.path.join(folder, "_ft", "log.jsonl")) as f:
+        steps_s = sum(json.loads(line)["step_ms"] for line in f) / 1000
+    return total, steps_s
 
 
 def peak_rss_gb():
@@ -138,7 +175,12 @@ def main():
     p = argparse.ArgumentParser(description="blipdiff vs diffusers: generation time and memory, side by side.")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (the published model: 512)")
     p.add_argument("--steps", type=int, default=10, help="PNDM steps (steps + 1 UNet calls, batch 2 with guidance)")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls after a warm-up; the best is reported")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls after a warm-up, in each process; the median")
+    p.add_argument("--rounds", type=int, default=1, help="processes per method, alternating; medians over them")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the weights' and latents' precision")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="also time blipdiff's subject fine-tuning this many steps (0: not; the paper's 40)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--run", nargs=3, metavar=("METHOD", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,31 +188,46 @@ def main():
         import torch
         torch.set_num_threads(args.threads)
     if args.run:
-        run(args.run[0], args.run[1], args.size, args.steps, args.repeats, args.run[2])
+        run(args.run[0], args.run[1], args, args.run[2])
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "blipdiffusion")
         t0 = time.perf_counter()
         write_folder(folder)
         print(f"wrote a random full-size model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        rows = {}
-        for method in ("diffusers", "blipdiff"):
-            out = os.path.join(tmp, method)
-            cmd = [sys.executable, os.path.abspath(__file__), "--run", method, folder, out, "--size", str(args.size),
-                   "--steps", str(args.steps), "--repeats", str(args.repeats)]
-            cmd += ["--threads", str(args.threads)] if args.threads else []
-            subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-            with open(out + ".json") as f:
-                rows[method] = json.load(f)
-            rows[method]["images"] = np.load(out + ".npy")
-    diff = np.abs(rows["blipdiff"]["images"] - rows["diffusers"]["images"]).max()
-    print(f"| method | load (s) | generate {args.size}x{args.size}, {args.steps} steps (s) | peak RSS (GB) |")
-    print("|---|---|---|---|")
-    for method, r in rows.items():
-        print(f"| {method} | {r['load_s']:.1f} | {r['generate_s']:.2f} | {r['peak_rss_gb']:.2f} |")
-    speed = rows["diffusers"]["generate_s"] / rows["blipdiff"]["generate_s"]
-    print(f"\nblipdiff is {speed:.2f}x the speed of diffusers; outputs differ by at most {diff:.2e}")
-    print(f"reproduce: python bench_generate.py --size {args.size} --steps {args.steps} --repeats {args.repeats}")
+        rows = {"diffusers": [], "blipdiff": []}
+        for r in range(args.rounds):
+            for method in rows:  # alternating, so drift on the machine weighs on both
+                out = os.path.join(tmp, f"{method}-{r}")
+                cmd = [sys.executable, os.path.abspath(__file__), "--run", method, folder, out, "--size", str(args.size),
+                       "--steps", str(args.steps), "--repeats", str(args.repeats), "--device", args.device,
+                       "--dtype", args.dtype]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                with open(out + ".json") as f:
+                    rows[method].append({**json.load(f), "images": np.load(out + ".npy")})
+                print(f"round {r + 1}/{args.rounds}: {method} {rows[method][-1]['generate_s']:.2f} s", file=sys.stderr)
+        finetune = finetune_time(folder, args) if args.finetune_steps else None
+    diff = np.abs(rows["blipdiff"][0]["images"] - rows["diffusers"][0]["images"]).max()
+    med = {m: {k: statistics.median(r[k] for r in runs) for k in ("load_s", "generate_s", "peak_gb")}
+           for m, runs in rows.items()}
+    calls = args.steps + 1  # PNDM: the first step twice
+    memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
+    print(f"{args.device}, {args.dtype}, {args.size}x{args.size}, {args.steps} PNDM steps, "
+          f"medians of {args.rounds} alternating round(s) of {args.repeats} call(s)\n")
+    print(f"| method | load (s) | generate (s) | steps/s | load + generate (s) | {memory} (GB) |")
+    print("|---|---|---|---|---|---|")
+    for method, m in med.items():
+        print(f"| {method} | {m['load_s']:.1f} | {m['generate_s']:.2f} | {calls / m['generate_s']:.2f} | "
+              f"{m['load_s'] + m['generate_s']:.1f} | {m['peak_gb']:.2f} |")
+    ours, theirs = med["blipdiff"], med["diffusers"]
+    print(f"\nblipdiff / diffusers, time per image: generate {ours['generate_s'] / theirs['generate_s']:.2f}x, "
+          f"load + generate {(ours['load_s'] + ours['generate_s']) / (theirs['load_s'] + theirs['generate_s']):.2f}x; "
+          f"outputs differ by at most {diff:.2e}")
+    if finetune:
+        print(f"blipdiff fine-tuning, {args.finetune_steps} steps of 3 at 512 px: {finetune[1]:.1f} s of steps, "
+              f"{finetune[0]:.1f} s for the whole command (load, steps, export)")
+    print(f"reproduce: python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":
