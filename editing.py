@@ -26,7 +26,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from blipdiff import build_prompt, initial_latents, sampling_options
 from clip import CTX_BEGIN_POS, MAX_LENGTH, NUM_QUERY_TOKENS
@@ -265,15 +264,12 @@ def edit_latents(model, latents, prompt, words, ctx_embeddings, sampler, samplin
 # ---------------------------------------------------------------------------------------------
 
 def subject_of(model, subject_images, subject_text, ctx_embeddings):
-    """Subject embeddings (1, 16, D): given, from images and their category word, or the fine-tuned ones."""
-    if ctx_embeddings is not None:
-        return ctx_embeddings
-    if subject_images is None:
-        if model.ctx_embeddings is None:
-            raise ValueError("give subject_images (and subject_text) or ctx_embeddings")
-        return model.ctx_embeddings
-    images = [subject_images] if isinstance(subject_images, Image.Image) else list(subject_images)
-    return model.subject_embeddings(images, subject_text)
+    """Subject embeddings (1, 16, D): given, from images and their category word, or the fine-tuned
+    ones, as generate() resolves them; editing needs one (there is nothing to put in the target)."""
+    ctx, _ = model.subject_and_word(subject_images, subject_text, ctx_embeddings=ctx_embeddings)
+    if ctx is None:
+        raise ValueError("give subject_images (and subject_text) or ctx_embeddings")
+    return ctx
 
 
 @torch.no_grad()
