@@ -82,19 +82,40 @@ def write_folder(folder):
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# What a method spec may name: blipdiff as sample.py runs it (keep_freed_memory() first), blipdiff with
+# its UNet compiled (sample.py --compile), diffusers as it comes, and diffusers in a process given
+# blipdiff's allocator setting (to show how much of a difference is that setting).
+METHODS = ("blipdiff", "blipdiff+compile", "diffusers", "diffusers+keep")
 
 
-def run(method, folder, args, out):
-    """One method in this (fresh) process; writes a JSON of figures and the images as .npy."""
+def parse_method(spec, default_dtype):
+    """"NAME" or "NAME:DTYPE" -> (name, dtype)."""
+    name, _, dtype = spec.partition(":")
+    dtype = dtype or default_dtype
+    if name not in METHODS or dtype not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{spec!r}: use NAME[:DTYPE], NAME one of {', '.join(METHODS)}, "
+                                         f"DTYPE one of {', '.join(DTYPES)}")
+    return name, dtype
+
+
+def run(spec, folder, args, out):
+    """One method in this fresh process, timed from its imports: import + load + the first generate
+    call is the whole-process time of one image; then --repeats timed calls. Writes a JSON of figures
+    and the last images as .npy."""
+    start = time.perf_counter()
     import torch
     from PIL import Image
+    method, dtype_name = parse_method(spec, args.dtype)
     rng = np.random.RandomState(0)
     subject = Image.fromarray((rng.rand(256, 256, 3) * 255).astype(np.uint8))
-    device, dtype, size, steps = args.device, getattr(torch, DTYPES[args.dtype]), args.size, args.steps
-    start = time.perf_counter()
-    if method == "blipdiff":
-        from blipdiff import BlipDiffusion
+    device, dtype, size, steps = args.device, getattr(torch, DTYPES[dtype_name]), args.size, args.steps
+    if method.startswith("blipdiff"):
+        from blipdiff import BlipDiffusion, keep_freed_memory
+        keep_freed_memory()
+        imported = time.perf_counter()
         model = BlipDiffusion.from_pretrained(folder).to(device, dtype)
+        if method == "blipdiff+compile":  # as sample.py --compile
+            model.compile_unet()
 
         def call():
             return model.generate(PROMPT, [subject], SUBJECT, steps=steps, seed=0, height=size, width=size,
@@ -106,6 +127,10 @@ def run(method, folder, args, out):
         from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
         from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
         from transformers import CLIPTokenizer
+        if method == "diffusers+keep":
+            from blipdiff import keep_freed_memory
+            keep_freed_memory()
+        imported = time.perf_counter()
         os.chdir(folder)  # the reference finds its BERT tokenizer relative to the working folder
         # Part by part: diffusers 0.33.1's BlipDiffusionPipeline.from_pretrained fails with KeyError
         # 'mean' on its own model_index.json (a type-annotation check that misses mean and std).
@@ -123,24 +148,41 @@ def run(method, folder, args, out):
                           target_subject_category=[SUBJECT], num_inference_steps=steps, height=size, width=size,
                           generator=torch.Generator().manual_seed(0), output_type="pt").images
             return images.float().permute(0, 2, 3, 1).cpu().numpy()
+    unet = model.unet if method.startswith("blipdiff") else pipe.unet
+    marks = []  # a time before and after each UNet call: the denoising loop is from the first to the last
+
+    def mark(*_):
+        if device.startswith("cuda"):
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter())
+    unet.register_forward_pre_hook(mark)
+    unet.register_forward_hook(mark)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
-    load = time.perf_counter() - start
+    loaded = time.perf_counter()
     with torch.no_grad():
-        call()  # warm-up
+        call()
+        sync()
+        first = time.perf_counter()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, loops = [], []
         for _ in range(args.repeats):
             sync()
+            marks.clear()
             t0 = time.perf_counter()
             images = call()
             sync()
             times.append(time.perf_counter() - t0)
+            loops.append(marks[0].elapsed_time(marks[-1]) / 1000 if device.startswith("cuda") else marks[-1] - marks[0])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else peak_rss_gb()
     np.save(out + ".npy", images)
     with open(out + ".json", "w") as f:
-        json.dump({"load_s": load, "generate_s": statistics.median(times), "peak_gb": peak}, f)
+        json.dump({"import_s": imported - start, "load_s": loaded - imported, "first_s": first - loaded,
+                   "whole_s": first - start, "generate_s": statistics.median(times),
+                   "loop_s": statistics.median(loops), "unet_calls": len(marks) // 2, "peak_gb": peak}, f)
 
 
 def finetune_time(folder, args):
@@ -175,15 +217,21 @@ def main():
     p = argparse.ArgumentParser(description="blipdiff vs diffusers: generation time and memory, side by side.")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (the published model: 512)")
     p.add_argument("--steps", type=int, default=10, help="PNDM steps (steps + 1 UNet calls, batch 2 with guidance)")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls after a warm-up, in each process; the median")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls after the first, in each process; the median")
     p.add_argument("--rounds", type=int, default=1, help="processes per method, alternating; medians over them")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the weights' and latents' precision")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="precision of a method named without one")
+    p.add_argument("--methods", nargs="+", default=["diffusers", "blipdiff"], metavar="NAME[:DTYPE]",
+                   help=f"what to run, the first being the reference of the ratios; NAME one of {', '.join(METHODS)}")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="also time blipdiff's subject fine-tuning this many steps (0: not; the paper's 40)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--run", nargs=3, metavar=("METHOD", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    try:
+        specs = [":".join(parse_method(m, args.dtype)) for m in args.methods]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -195,35 +243,41 @@ def main():
         t0 = time.perf_counter()
         write_folder(folder)
         print(f"wrote a random full-size model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        rows = {"diffusers": [], "blipdiff": []}
+        rows = {spec: [] for spec in specs}
         for r in range(args.rounds):
-            for method in rows:  # alternating, so drift on the machine weighs on both
-                out = os.path.join(tmp, f"{method}-{r}")
-                cmd = [sys.executable, os.path.abspath(__file__), "--run", method, folder, out, "--size", str(args.size),
-                       "--steps", str(args.steps), "--repeats", str(args.repeats), "--device", args.device,
-                       "--dtype", args.dtype]
+            for i, spec in enumerate(rows):  # alternating, so drift on the machine weighs on all alike
+                out = os.path.join(tmp, f"{i}-{r}")
+                cmd = [sys.executable, os.path.abspath(__file__), "--run", spec, folder, out, "--size", str(args.size),
+                       "--steps", str(args.steps), "--repeats", str(args.repeats), "--device", args.device]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
                 with open(out + ".json") as f:
-                    rows[method].append({**json.load(f), "images": np.load(out + ".npy")})
-                print(f"round {r + 1}/{args.rounds}: {method} {rows[method][-1]['generate_s']:.2f} s", file=sys.stderr)
+                    rows[spec].append({**json.load(f), "images": np.load(out + ".npy")})
+                print(f"round {r + 1}/{args.rounds}: {spec} one image in {rows[spec][-1]['whole_s']:.1f} s, "
+                      f"then {rows[spec][-1]['generate_s']:.2f} s a call", file=sys.stderr)
         finetune = finetune_time(folder, args) if args.finetune_steps else None
-    diff = np.abs(rows["blipdiff"][0]["images"] - rows["diffusers"][0]["images"]).max()
-    med = {m: {k: statistics.median(r[k] for r in runs) for k in ("load_s", "generate_s", "peak_gb")}
-           for m, runs in rows.items()}
-    calls = args.steps + 1  # PNDM: the first step twice
+    keys = ("import_s", "load_s", "first_s", "whole_s", "generate_s", "loop_s", "peak_gb")
+    med = {m: {k: statistics.median(r[k] for r in runs) for k in keys} for m, runs in rows.items()}
+    calls = rows[specs[0]][0]["unet_calls"]
     memory = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
-    print(f"{args.device}, {args.dtype}, {args.size}x{args.size}, {args.steps} PNDM steps, "
-          f"medians of {args.rounds} alternating round(s) of {args.repeats} call(s)\n")
-    print(f"| method | load (s) | generate (s) | steps/s | load + generate (s) | {memory} (GB) |")
-    print("|---|---|---|---|---|---|")
-    for method, m in med.items():
-        print(f"| {method} | {m['load_s']:.1f} | {m['generate_s']:.2f} | {calls / m['generate_s']:.2f} | "
-              f"{m['load_s'] + m['generate_s']:.1f} | {m['peak_gb']:.2f} |")
-    ours, theirs = med["blipdiff"], med["diffusers"]
-    print(f"\nblipdiff / diffusers, time per image: generate {ours['generate_s'] / theirs['generate_s']:.2f}x, "
-          f"load + generate {(ours['load_s'] + ours['generate_s']) / (theirs['load_s'] + theirs['generate_s']):.2f}x; "
-          f"outputs differ by at most {diff:.2e}")
+    print(f"{args.device}, {args.size}x{args.size}, {args.steps} PNDM steps ({calls} UNet calls of batch 2), "
+          f"medians of {args.rounds} alternating round(s), {args.repeats} call(s) after the first\n")
+    print(f"| method | import + load (s) | first call (s) | one image, whole process (s) | a later call (s) | "
+          f"UNet calls/s | {memory} (GB) |")
+    print("|---|---|---|---|---|---|---|")
+    for spec, m in med.items():
+        print(f"| {spec} | {m['import_s'] + m['load_s']:.1f} | {m['first_s']:.2f} | {m['whole_s']:.1f} | "
+              f"{m['generate_s']:.2f} | {calls / m['loop_s']:.2f} | {m['peak_gb']:.2f} |")
+    ref = specs[0]
+    print()
+    for spec in specs[1:]:
+        print(f"{spec} / {ref}: one image in a fresh process {med[spec]['whole_s'] / med[ref]['whole_s']:.2f}x the time, "
+              f"a later call {med[spec]['generate_s'] / med[ref]['generate_s']:.2f}x, "
+              f"the denoising loop {med[spec]['loop_s'] / med[ref]['loop_s']:.2f}x")
+    for i, a in enumerate(specs):
+        for b in specs[i + 1:]:
+            d = np.abs(rows[a][0]["images"] - rows[b][0]["images"])
+            print(f"outputs {a} against {b}: max abs difference {d.max():.2e}, mean {d.mean():.2e}")
     if finetune:
         print(f"blipdiff fine-tuning, {args.finetune_steps} steps of 3 at 512 px: {finetune[1]:.1f} s of steps, "
               f"{finetune[0]:.1f} s for the whole command (load, steps, export)")

@@ -261,10 +261,13 @@ def denoise(unet, latents, text, sampler, uncond=None, guidance=None, control=()
     g = guidance if uncond is None or isinstance(guidance, (int, float)) else torch.as_tensor(
         guidance, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1, 1)
     states = text if uncond is None else torch.cat([uncond, text])
+    # The UNet gets each timestep as a tensor, not an int: a compiled UNet (BlipDiffusion.compile) then
+    # sees one input that changes value, not a new constant to compile for at each step.
+    times = torch.tensor(sampler.timesteps, device=latents.device)
     for i, t in enumerate(tqdm(sampler.timesteps, desc="denoising", disable=not progress)):
         x = latents if uncond is None else torch.cat([latents] * 2)
-        residuals = control_residuals(control, x, t, states) if control else {}
-        eps = unet(x, t, states, **residuals, controller=controller)
+        residuals = control_residuals(control, x, times[i], states) if control else {}
+        eps = unet(x, times[i], states, **residuals, controller=controller)
         if uncond is not None:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + g * (eps_cond - eps_uncond)

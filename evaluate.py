@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import train
-from blipdiff import BlipDiffusion, Sampling
+from blipdiff import BlipDiffusion, Sampling, keep_freed_memory
 from checkpoint import CheckpointError, write_atomically, write_json, write_text
 from data import DataError, ImageError, center_crop, image_files, read_image
 from metrics import CLIPModel, DINOViT, clip_pixels, dino_pixels
@@ -419,6 +419,7 @@ def main(argv=None):
                                                         "their means")
     add_dreambench_parser(sub)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     commands = {"score": score_command, "dreambench": dreambench}
     try:
         return commands[args.command](args)

@@ -193,6 +193,9 @@ def main(argv=None):
                    help="edit-mask threshold on the source word's attention (LAVIS 0.3; lower edits more)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32 on CPU, fp16 on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first call compiles (about a minute on a 2-core CPU), later "
+                        "steps run faster; pays off over several images (docs/benchmarks.md)")
     p.add_argument("--out", default="out.png", help=".png/.jpg image (a grid when N > 1) or .npy float32 (N, H, W, 3)")
     args = p.parse_args(argv)
 
@@ -221,9 +224,10 @@ def main(argv=None):
 
     import torch
 
-    from blipdiff import BlipDiffusion, Sampling
+    from blipdiff import BlipDiffusion, Sampling, keep_freed_memory
     from checkpoint import CheckpointError
 
+    keep_freed_memory()
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device == "cuda" else "fp32")]
@@ -239,6 +243,8 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.compile:
+        model.compile_unet()
     args.height, args.width = args.height or model.resolution, args.width or model.resolution
     control = [Control(nets[folder], control_map(args, kind, image), scale) for kind, image, folder, scale in controls]
     sampling = Sampling(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,

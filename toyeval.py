@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import train
-from blipdiff import BlipDiffusion, preprocess_subject
+from blipdiff import BlipDiffusion, keep_freed_memory, preprocess_subject
 from checkpoint import CheckpointError, write_atomically
 from oracle import eval_oracle, load_oracle, train_oracle
 from toyworld import CONTEXTS, WorldConfig, batch, identities, render, show, write_data, write_examples
@@ -140,7 +140,8 @@ def evaluate(args):
             raise ValueError(f"{path}: its folder does not exist; create it first")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # train.py's fine-tuning picks the same
     oracle = load_oracle(args.oracle, device)
-    model = BlipDiffusion.from_pretrained(args.weights).to(device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
     side = model.resolution
     args.guidance = model.guidance if args.guidance is None else args.guidance
     contexts, subjects = CONTEXTS[:args.contexts], eval_subjects(args.subjects, args.seed)
@@ -153,7 +154,7 @@ def evaluate(args):
         refs = reference_images(identity, args.refs, np.random.default_rng([args.seed, s]))
         reference_features = oracle.features(refs).mean(0)
         with tempfile.TemporaryDirectory() as tmp:
-            tuned = BlipDiffusion.from_pretrained(finetune(refs, identity.category, args, tmp)).to(device)
+            tuned = BlipDiffusion.from_pretrained(finetune(refs, identity.category, args, tmp)).to(device, dtype)
         models = {"text-only": model, "zero-shot": model, "fine-tuned": tuned}
         subject = {"text-only": dict(subject_text=identity.category),
                    "zero-shot": dict(subject_images=refs, subject_text=identity.category), "fine-tuned": {}}
@@ -190,7 +191,7 @@ def evaluate(args):
         result = {"weights": args.weights, "subjects": len(subjects), "contexts": len(contexts), "rows": rows,
                   "intervals_90": spread, "targets": met, "settings": {k: getattr(args, k) for k in (
                       "steps", "guidance", "scheduler", "refs", "finetune_steps", "finetune_lr", "finetune_min_snr",
-                      "seed")}}
+                      "seed", "dtype")}}
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     image = Image.fromarray(sheet)
     if args.zoom > 1:
@@ -321,6 +322,8 @@ def main():
                    help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
     p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
                    help="pndm: the published scheduler; dpm: DPM-Solver++(2M), as sample.py")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="precision of generation, as sample.py --dtype (fine-tuning trains in fp32 as train.py does)")
     p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
     p.add_argument("--finetune-lr", type=float, default=2e-4,
                    help="fine-tuning lr; the toy model is small (LAVIS' 5e-6 is for the published model)")
@@ -339,6 +342,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="fixes the pictures and the probes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     args = parser.parse_args()
+    keep_freed_memory()
     commands = {"show": show, "data": write_data, "examples": write_examples, "train-oracle": train_oracle,
                 "eval-oracle": eval_oracle, "evaluate": evaluate, "probe": probe}
     try:

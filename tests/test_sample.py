@@ -98,6 +98,24 @@ def test_command_line_writes_a_grid_and_each_image(tiny_pipeline, subject, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["out-0.png", "out-1.png", "out-2.png", "out.png"]  # no temp files left
 
 
+def test_compile_gives_the_same_image(tiny_pipeline, subject, tmp_path):
+    """--compile (torch.compile of the UNet, with weight freezing on the CPU) changes the speed, not the
+    picture. In its own process: freezing is a process-wide setting of torch's compiler."""
+    _, folder = tiny_pipeline
+    argv = [sys.executable, "sample.py", "--weights", folder, "--subject", subject, "--subject-text", "dog",
+            "--prompt", "on the beach", "--steps", "3", "--height", "32", "--width", "32"]
+    cache = tmp_path / "inductor"  # where the compiler writes its kernels: files there prove that it ran
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = subprocess.run(argv + ["--out", str(tmp_path / f"{name}.npy"), *extra], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert any(f.is_file() for f in cache.rglob("*")) == (name == "compiled")
+    eager, compiled = np.load(tmp_path / "eager.npy"), np.load(tmp_path / "compiled.npy")
+    assert eager.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+
+
 def bad(capsys, tmp_path, argv):
     code = sample.main(argv)
     err = capsys.readouterr().err.strip()
