@@ -211,7 +211,9 @@ class MultimodalStage(Stage):
             if report:
                 print(report)
         self.pretraining, vit = pre.to(device), pre.qformer.visual_encoder
-        self.frozen = [m for m in vit.children() if m is not vit.post_layernorm]
+        # BLIP-Diffusion's projection to subject embeddings is not used by BLIP-2's losses (stage 2 trains
+        # it): frozen, so that DDP does not wait for gradients that never come.
+        self.frozen = [m for m in vit.children() if m is not vit.post_layernorm] + [pre.qformer.proj_layer]
         self.tokenizer, self.configs = QFormerTokenizer.from_file(self.vocab), {"qformer": asdict(pre.qformer.config)}
 
     def forward(self, pixel_values, ids, mask, generator):

@@ -246,6 +246,24 @@ def test_multimodal_stage_loss_falls_and_feeds_stage_two(tmp_path):
     assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in sd_model.vae.state_dict().items())
 
 
+def test_multimodal_stage_on_two_processes(tmp_path):
+    """Stage 1 under DDP: BLIP-Diffusion's projection layer, part of the Q-Former but unused by BLIP-2's
+    losses, is frozen, so DDP does not stop at the second step waiting for its gradients."""
+    out = str(tmp_path / "two")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", "--stage", "multimodal", *TINY, "--steps", "3", "--batch-size", "8", "--lr", "1e-3",
+                          "--warmup", "0", "--save-every", "1", "--out", out],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "step 3/3 | loss" in run.stdout and np.isfinite(losses(out)).all()
+    first, last = weights(out, 1), weights(out, 3)
+    frozen = [k for k in last if ".proj_layer." in k]
+    assert frozen and all(torch.equal(first[k], last[k]) for k in frozen)
+    assert not torch.equal(first["pretraining.qformer.encoder.layer.0.attention.attention.query.weight"],
+                           last["pretraining.qformer.encoder.layer.0.attention.attention.query.weight"])
+    assert os.path.isfile(os.path.join(out, "qformer", "model.safetensors"))
+
+
 def test_zero_sharded_optimizer_and_ema_with_two_processes(tmp_path):
     args = ["--stage", "subject", *TINY, "--batch-size", "4", "--lr", "1e-4", "--ema", "0.5"]
     sharded = str(tmp_path / "zero")
