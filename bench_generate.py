@@ -2,15 +2,19 @@
 
 Both run the same randomly initialised model at the published sizes (ViT-L/14 + Q-Former, SD-1.5's
 text encoder, UNet and VAE), loaded from one folder in the published layout that this script writes
-itself (no download), with the same subject image, prompt, seed, steps, size, device and precision.
-Each method runs in a fresh process: the time to load the folder, the time of a whole `generate` call
-(the median of --repeats timed calls after a warm-up), the denoising steps per second that gives, and
-the peak memory (resident memory on the CPU; CUDA's peak allocation on a GPU). The methods alternate,
---rounds times, and the figures are the medians over the rounds, so a machine that slows down or
-speeds up part-way through weighs on both alike. The outputs are compared too.
+itself (no download), with the same subject image, prompt, seed, steps and size. Each method runs in
+a fresh process, timed from its imports: import + load + the first `generate` call is the time of one
+image in a new process, then the median of --repeats later calls, the UNet calls per second of the
+denoising loop alone, and the peak memory (resident memory on the CPU; CUDA's peak allocation on a
+GPU). --methods names what runs, NAME[:DTYPE] each (see METHODS); the first is the reference of the
+ratio lines. The methods alternate, --rounds times, and the figures are the medians over the rounds,
+so a machine that slows down or speeds up part-way through weighs on all alike. Every pair of outputs
+is compared (largest and mean absolute difference).
 
-    python bench_generate.py --size 256 --steps 10 --repeats 2                 # 2 CPU cores, fp32
-    python bench_generate.py --device cuda --dtype fp16 --size 512 --steps 50 --rounds 3 --finetune-steps 40
+    python bench_generate.py --size 256 --steps 5 --rounds 3 --repeats 1 \
+        --methods diffusers blipdiff blipdiff:bf16 diffusers+keep                 # 2 CPU cores
+    python bench_generate.py --device cuda --size 512 --steps 50 --repeats 2 --finetune-steps 40 \
+        --methods diffusers:fp16 blipdiff:fp16 diffusers:bf16 blipdiff:bf16 blipdiff+compile:fp16
 """
 
 import argparse

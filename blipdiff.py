@@ -283,7 +283,6 @@ class BlipDiffusion(nn.Module):
         (SD-1.5: 64 x 8 = 512; the toy: 16 x 4 = 64)."""
         return self.unet.config.sample_size * self.vae.downsampling
 
-    @torch.no_grad()
     def compile_unet(self):
         """torch.compile the UNet, where generation spends nearly all its time; for inference only.
 
@@ -298,6 +297,7 @@ class BlipDiffusion(nn.Module):
         self.unet.forward = torch.compile(self.unet.forward)
         return self
 
+    @torch.no_grad()
     def subject_embeddings(self, images, subject_text, center_crop=False):
         """Several pictures of one subject -> their mean subject embedding, (1, 16, 768)."""
         pixels = preprocess_subject(images, self.image_size, self.mean, self.std, center_crop)

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 from torch import nn
 
 from checkpoint import CheckpointError, config_from_dict, load_strict, read_folder
@@ -210,6 +209,7 @@ def canny(image, low=CANNY_LOW, high=CANNY_HIGH, sigma=0.0):
     Differences from OpenCV: float input is not rounded to 8 bits; thresholds given with fractions
     are floored as OpenCV floors them.
     """
+    from scipy import ndimage  # here, not at the top: generation without Canny need not wait for its import
     if isinstance(image, Image.Image) and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # drops alpha (controlnet_aux's HWC3 composites it over white)
     a = np.asarray(image, dtype=np.float64)

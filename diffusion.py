@@ -261,7 +261,7 @@ def denoise(unet, latents, text, sampler, uncond=None, guidance=None, control=()
     g = guidance if uncond is None or isinstance(guidance, (int, float)) else torch.as_tensor(
         guidance, dtype=latents.dtype, device=latents.device).reshape(-1, 1, 1, 1)
     states = text if uncond is None else torch.cat([uncond, text])
-    # The UNet gets each timestep as a tensor, not an int: a compiled UNet (BlipDiffusion.compile) then
+    # The UNet gets each timestep as a tensor, not an int: a compiled UNet (BlipDiffusion.compile_unet) then
     # sees one input that changes value, not a new constant to compile for at each step.
     times = torch.tensor(sampler.timesteps, device=latents.device)
     for i, t in enumerate(tqdm(sampler.timesteps, desc="denoising", disable=not progress)):

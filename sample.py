@@ -195,7 +195,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: the first call compiles (about a minute on a 2-core CPU), later "
-                        "steps run faster; pays off over several images (docs/benchmarks.md)")
+                        "steps run faster; pays off over long runs (docs/usage.md#speed)")
     p.add_argument("--out", default="out.png", help=".png/.jpg image (a grid when N > 1) or .npy float32 (N, H, W, 3)")
     args = p.parse_args(argv)
 
