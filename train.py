@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, latest_training, load_training, save_training
 from data import DataError, Records, read_records, step_indices
+from shards import ShardStream, is_shards, shard_paths
 from stages import STAGES, TrainError, build_stage
 
 
@@ -82,8 +83,9 @@ def main(argv=None):
                         "weights/toy's sizes; DIR: the sizes of its vae/, unet/, text_encoder/, qformer/ config.json "
                         "(toy and DIR: stage 0, and stage 1 from the toy's image tower)")
     p.add_argument("--weights", default=None, help="a BLIP-Diffusion folder in the published layout to start from")
-    p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), or "
-                                                 "'toy' (examples/toy-data: 64 pictures of the toy world)")
+    p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), "
+                                                 "tar shards (multimodal, t2i: 'data/{00000..01023}.tar', a folder, "
+                                                 "a list), or 'toy' (examples/toy-data: 64 pictures of the toy world)")
     p.add_argument("--sd", default=None, help="subject, t2i: SD v1.5's single file (v1-5-pruned-emaonly.safetensors) "
                                                "or a diffusers-layout folder (the toy's stage-0 --out) to start from")
     p.add_argument("--qformer", default=None, help="subject: a stage-1 output folder (its qformer/ and bert_tokenizer/)")
@@ -113,6 +115,8 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trainable module")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loader processes per rank reading tar shards (0: read in the training process)")
     p.add_argument("--cache", action="store_true",
                    help="t2i, subject, finetune: keep each picture's frozen-encoder outputs (VAE posterior, image "
                         "tower; t2i: each caption's text encoding too) in memory, so later epochs skip those "
@@ -167,7 +171,14 @@ def train(args):
     warmup = default_warmup if args.warmup is None else args.warmup
     if args.stage == "finetune" and (not args.subject or not args.subject_text):
         raise TrainError("--stage finetune needs --subject FOLDER and --subject-text WORD")
-    records = read_records(args.stage, args.data, args.subject)  # checked before any work
+    paths, records = None, None  # tar shards (streamed), or the records of a manifest
+    if args.data and args.data != "toy" and is_shards(args.data):
+        if args.stage not in ("multimodal", "t2i"):
+            raise TrainError(f"--stage {args.stage} reads a JSONL manifest; tar shards (image + caption) are "
+                             "read by --stage multimodal and t2i")
+        paths = shard_paths(args.data)  # checked before any work
+    else:
+        records = read_records(args.stage, args.data, args.subject)  # checked before any work
     if args.stage in ("subject", "finetune") and args.model == "published" and not args.weights and not (
             args.stage == "subject" and args.sd and args.qformer and (args.tokenizer or os.path.isdir(args.sd))):
         raise TrainError("give --weights DIR (a published-layout folder), --model tiny, or for stage 2 "
@@ -216,18 +227,28 @@ def train(args):
     net = torch.compile(net) if args.compile else net
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    data = Records(records, stage.pictures)
+    if paths is None:
+        data = Records(records, stage.pictures)
+    else:  # this rank's slots of the global batch: rank, rank + world, ... (shards.py)
+        data = ShardStream(paths, batch_size, range(rank, batch_size, world), args.seed, start, args.workers)
 
     for step in range(start, steps):
         t0 = time.time()
-        indices = step_indices(len(records), batch_size, step, args.seed)
+        if paths is None:
+            indices = step_indices(len(records), batch_size, step, args.seed)
+        else:
+            share = data.step(step)
         total = 0.0
         for a in range(args.grad_accum):
             # This rank's share of the global batch: every world-th sample of each micro-slice.
-            chunk = indices[a * micro * world:(a + 1) * micro * world][rank::world]
+            if paths is None:
+                chunk = indices[a * micro * world:(a + 1) * micro * world][rank::world]
+                items = [data[i] for i in chunk]
+            else:
+                chunk, items = zip(*share[a * micro:(a + 1) * micro])
             sync = a == args.grad_accum - 1 or not ddp
             with (nullcontext() if sync else net.no_sync()), stage.autocast:
-                loss = net(*stage.batch(step, chunk, [data[i] for i in chunk])) / args.grad_accum
+                loss = net(*stage.batch(step, list(chunk), list(items))) / args.grad_accum
             loss.backward()
             total += loss.item()
         if ddp:
