@@ -238,12 +238,15 @@ def train(args):
             indices = step_indices(len(records), batch_size, step, args.seed)
         else:
             share = data.step(step)
+        waited = time.time() - t0  # reading and decoding the step's pictures, or waiting for the loader
         total = 0.0
         for a in range(args.grad_accum):
             # This rank's share of the global batch: every world-th sample of each micro-slice.
             if paths is None:
                 chunk = indices[a * micro * world:(a + 1) * micro * world][rank::world]
+                t1 = time.time()
                 items = [data[i] for i in chunk]
+                waited += time.time() - t1
             else:
                 chunk, items = zip(*share[a * micro:(a + 1) * micro])
             sync = a == args.grad_accum - 1 or not ddp
@@ -270,7 +273,8 @@ def train(args):
         done, dt = step + 1, time.time() - t0
         if master and (done % args.log_every == 0 or done == steps):
             row = {"step": done, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": float(norm),
-                   "images_per_s": batch_size / dt, "step_ms": 1000 * dt, "skipped": data.skipped}
+                   "images_per_s": batch_size / dt, "step_ms": 1000 * dt, "data_ms": 1000 * waited,
+                   "skipped": data.skipped}
             print(f"step {done}/{steps} | loss {total:.4f} | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
                   f"{row['images_per_s']:.1f} img/s | {row['step_ms']:.0f} ms", flush=True)
             log.write(json.dumps(row) + "\n")
