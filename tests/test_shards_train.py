@@ -61,3 +61,21 @@ def test_an_unreadable_sample_is_replaced_and_counted_and_no_match_is_one_line(t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no shard matches" in err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_two_processes_with_workers_resume_exactly(tmp_path):
+    pattern = toy_shards(str(tmp_path / "shards"))
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+            "--stage", "multimodal", "--model", "tiny", "--data", pattern, "--batch-size", "4", "--lr", "1e-4",
+            "--warmup", "0", "--schedule", "constant", "--workers", "1"]
+
+    def run(out, steps, *extra):
+        done = subprocess.run(base + ["--steps", str(steps), "--out", out, *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run(straight, 4)
+    run(split, 2)
+    run(split, 4, "--resume")
+    assert_same_weights(weights(straight, 4), weights(split, 4), atol=1e-6)
+    assert losses(straight) == losses(split)

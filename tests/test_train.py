@@ -130,6 +130,27 @@ def test_two_processes_equal_one_and_torchrun_resume(tmp_path):
     assert os.path.isdir(os.path.join(out2, "checkpoints", "step-0000030"))
 
 
+def test_two_machines_equal_two_processes_on_one(tmp_path):
+    """Several machines, as docs/training.md launches them (here both on localhost, one process each):
+    the same weights as two processes on one machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train.py", "--stage", "subject", *TINY, "--steps", "3", "--batch-size", "4"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               *args, "--out", str(tmp_path / "nodes")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-2000:]
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert_same_weights(weights(str(tmp_path / "nodes"), 3), weights(str(tmp_path / "one"), 3), atol=0)
+
+
 def test_resume_is_exact(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     args = ["--stage", "subject", *TINY, "--batch-size", "2", "--lr", "1e-4", "--save-every", "5"]
