@@ -171,6 +171,8 @@ def train(args):
     warmup = default_warmup if args.warmup is None else args.warmup
     if args.stage == "finetune" and (not args.subject or not args.subject_text):
         raise TrainError("--stage finetune needs --subject FOLDER and --subject-text WORD")
+    if args.workers < 0:
+        raise TrainError(f"--workers {args.workers}: give 0 (read in the training process) or more")
     paths, records = None, None  # tar shards (streamed), or the records of a manifest
     if args.data and args.data != "toy" and is_shards(args.data):
         if args.stage not in ("multimodal", "t2i"):
