@@ -42,6 +42,8 @@ PROMPT_REPS = 20
 # folder may name its own in model_index.json ("guidance", a key of ours; diffusers' pipeline takes
 # the scale per call), as the toy model does (5).
 GUIDANCE = 7.5
+# The precisions the command lines offer (--dtype), by name.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def keep_freed_memory():

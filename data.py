@@ -175,11 +175,19 @@ def load_image(source):
 
 
 class Records:
-    """A run's records by index, their pictures (the `keys` of each record) read on demand. An
-    unreadable picture is replaced by the next readable record and counted, never a crash."""
+    """A manifest's records, a step's share at a time: the global batch of a step is `step_indices`,
+    this process takes its positions `owned` in it (rank, rank + world, ...). Pictures (the `keys` of
+    each record) are read on demand; an unreadable picture is replaced by the next readable record and
+    counted, never a crash. shards.ShardStream serves tar shards the same way."""
 
-    def __init__(self, records, keys):
+    def __init__(self, records, keys, batch_size, owned, seed):
         self.records, self.keys, self.skipped = records, keys, 0
+        self.batch_size, self.owned, self.seed = batch_size, list(owned), seed
+
+    def step(self, step):
+        """-> [(record index, (the index read, the record, its pictures))] for this process's positions."""
+        indices = step_indices(len(self.records), self.batch_size, step, self.seed)
+        return [(indices[j], self[indices[j]]) for j in self.owned]
 
     def __len__(self):
         return len(self.records)

@@ -222,15 +222,12 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import torch
-
-    from blipdiff import BlipDiffusion, Sampling, keep_freed_memory
+    from blipdiff import DTYPES, BlipDiffusion, Sampling, keep_freed_memory
     from checkpoint import CheckpointError
 
     keep_freed_memory()
     device = pick_device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.dtype or ("fp16" if device == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")]
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     start = time.time()
     try:

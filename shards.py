@@ -18,9 +18,8 @@ import tarfile
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data import DataError
+from data import DataError, load_image
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 
@@ -83,10 +82,13 @@ def split_key(name):
     return os.path.join(folder, key), suffix.lower()
 
 
-def decode(parts, images=("jpg",)):
-    """One sample's files -> a record: its pictures (PIL, RGB) under their suffixes, the caption
-    (`txt`), and the `json` metadata's keys. None where a picture or the caption is missing or
-    unreadable: training replaces the sample and counts it."""
+def decode(parts):
+    """One sample's files -> (record, [picture]): the caption (`txt`), the `json` metadata's keys, and
+    the picture (the first of IMAGE_SUFFIXES there), read as data.load_image reads a file. None where
+    the picture or the caption is missing or unreadable: training replaces the sample and counts it."""
+    suffix = next((s for s in IMAGE_SUFFIXES if s in parts), None)
+    if suffix is None or "txt" not in parts:
+        return None
     record = {}
     if "json" in parts:
         try:
@@ -95,21 +97,9 @@ def decode(parts, images=("jpg",)):
             return None
         if isinstance(meta, dict):
             record.update(meta)
-    if "txt" not in parts:
-        return None
     record["caption"] = parts["txt"].decode("utf-8", errors="replace").strip()
-    pictures = []
-    for name in images:
-        found = parts.get(name) if name in parts else next(
-            (parts[s] for s in IMAGE_SUFFIXES if name == "jpg" and s in parts), None)
-        if found is None:
-            return None
-        try:
-            with Image.open(io.BytesIO(found)) as image:
-                pictures.append(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None
-    return record, pictures
+    picture = load_image(io.BytesIO(parts[suffix]))
+    return None if picture is None else (record, [picture])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,9 +196,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
     With DataLoader workers, worker w makes the steps start + w, start + w + W, ... (the DataLoader
     hands them back in step order)."""
 
-    def __init__(self, paths, slots, owned, seed, start, images=("jpg",)):
+    def __init__(self, paths, slots, owned, seed, start):
         super().__init__()
-        self.paths, self.slots, self.owned, self.seed, self.start, self.images = paths, slots, owned, seed, start, images
+        self.paths, self.slots, self.owned, self.seed, self.start = paths, slots, owned, seed, start
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -219,14 +209,14 @@ class ShardBatches(torch.utils.data.IterableDataset):
             items, replaced = [], 0
             for j, stream in streams.items():
                 source = next(stream)
-                sample = decode(shards.read(*source), self.images)
+                sample = decode(shards.read(*source))
                 ahead, tries = slot_stream(self.paths, self.slots, j, self.seed, step + 1), 0
                 while sample is None:  # the slot's next readable sample stands in
                     replaced, tries = replaced + 1, tries + 1
                     if tries > 1000:
                         raise DataError(f"--data: over 1000 unreadable samples in a row in slot {j}'s shards")
                     source = next(ahead)
-                    sample = decode(shards.read(*source), self.images)
+                    sample = decode(shards.read(*source))
                 items.append((j, source, *sample))
                 for _ in range(workers - 1):  # the other workers' steps
                     next(stream)
@@ -248,7 +238,7 @@ class ShardStream:
         self.batches, self.skipped = iter(loader), 0
 
     def step(self, step):
-        """-> [(slot, (record key, record, pictures))] of this process's slots for `step`."""
+        """-> [(slot, ((shard path, key), record, pictures))] for this process's slots, as data.Records."""
         got, items, replaced = next(self.batches)
         assert got == step, f"the data stream is at step {got}, training at {step}"
         self.skipped += replaced

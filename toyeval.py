@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import train
-from blipdiff import BlipDiffusion, keep_freed_memory, preprocess_subject
+from blipdiff import DTYPES, BlipDiffusion, keep_freed_memory, preprocess_subject
 from checkpoint import CheckpointError, write_atomically
 from oracle import eval_oracle, load_oracle, train_oracle
 from toyworld import CONTEXTS, WorldConfig, batch, identities, render, show, write_data, write_examples
@@ -140,7 +140,7 @@ def evaluate(args):
             raise ValueError(f"{path}: its folder does not exist; create it first")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # train.py's fine-tuning picks the same
     oracle = load_oracle(args.oracle, device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = BlipDiffusion.from_pretrained(args.weights).to(device, dtype)
     side = model.resolution
     args.guidance = model.guidance if args.guidance is None else args.guidance
@@ -322,7 +322,7 @@ def main():
                    help="classifier-free guidance scale; <= 1 turns it off (None: the model's own, as sample.py)")
     p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
                    help="pndm: the published scheduler; dpm: DPM-Solver++(2M), as sample.py")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="precision of generation, as sample.py --dtype (fine-tuning trains in fp32 as train.py does)")
     p.add_argument("--finetune-steps", type=int, default=40, help="train.py --stage finetune steps (LAVIS' 40)")
     p.add_argument("--finetune-lr", type=float, default=2e-4,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, latest_training, load_training, save_training
-from data import DataError, Records, read_records, step_indices
+from data import DataError, Records, read_records
 from shards import ShardStream, is_shards, shard_paths
 from stages import STAGES, TrainError, build_stage
 
@@ -229,28 +229,19 @@ def train(args):
     net = torch.compile(net) if args.compile else net
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    if paths is None:
-        data = Records(records, stage.pictures)
-    else:  # this rank's slots of the global batch: rank, rank + world, ... (shards.py)
-        data = ShardStream(paths, batch_size, range(rank, batch_size, world), args.seed, start, args.workers)
+    # This rank's share of each global batch: its positions rank, rank + world, ..., so micro-slice a
+    # holds every world-th sample of the batch's a-th slice.
+    owned = range(rank, batch_size, world)
+    data = (Records(records, stage.pictures, batch_size, owned, args.seed) if paths is None
+            else ShardStream(paths, batch_size, owned, args.seed, start, args.workers))
 
     for step in range(start, steps):
         t0 = time.time()
-        if paths is None:
-            indices = step_indices(len(records), batch_size, step, args.seed)
-        else:
-            share = data.step(step)
+        share = data.step(step)
         waited = time.time() - t0  # reading and decoding the step's pictures, or waiting for the loader
         total = 0.0
         for a in range(args.grad_accum):
-            # This rank's share of the global batch: every world-th sample of each micro-slice.
-            if paths is None:
-                chunk = indices[a * micro * world:(a + 1) * micro * world][rank::world]
-                t1 = time.time()
-                items = [data[i] for i in chunk]
-                waited += time.time() - t1
-            else:
-                chunk, items = zip(*share[a * micro:(a + 1) * micro])
+            chunk, items = zip(*share[a * micro:(a + 1) * micro])
             sync = a == args.grad_accum - 1 or not ddp
             with (nullcontext() if sync else net.no_sync()), stage.autocast:
                 loss = net(*stage.batch(step, list(chunk), list(items))) / args.grad_accum
