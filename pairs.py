@@ -31,15 +31,25 @@ NAME is the item's position in --data and its file name (000012_dog). An interru
 named in either file are not redone, so rerun with the same --data. Each image is written to a temporary
 file and renamed, and its record line appended only after both exist. The background of item i is drawn
 from (--seed, i), so the output does not depend on --workers.
+
+With --shards (for LAION-scale data), OUT instead holds tar shards in shards.py's layout: 00000.tar
+holds items 0 to --shard-size - 1 as NAME.input.jpg, NAME.target.jpg and NAME.json ({"subject",
+"caption", "image"}), 00000_stats.json what was skipped and why. A shard is written whole or not at
+all, so a rerun makes the missing ones; `--part I/N` makes shards I, I + N, ... only, for N machines
+writing into one folder (or folders joined afterwards): the shards are the same however the work is
+split.
 """
 
 import argparse
 import functools
+import io
 import json
+import math
 import multiprocessing
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +60,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import matting
+from checkpoint import write_text
 from clipseg import CLIPSeg
 from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image, read_manifest
+from shards import ShardWriter, remove_leftovers
 
 
 
@@ -214,14 +226,23 @@ def read_done(path):
 _worker = {}
 
 
-def init_worker(make_segmenter, settings, out, threads=None):
-    _worker.update(make_segmenter=make_segmenter, segmenter=None, settings=settings, out=out)
+def init_worker(make_segmenter, settings, out, shards, threads=None):
+    _worker.update(make_segmenter=make_segmenter, segmenter=None, settings=settings, out=out, shards=shards)
     if threads:
         torch.set_num_threads(threads)
 
 
+def jpeg(image, quality=95):
+    """An image (H, W, 3) uint8 as JPEG bytes: img2dataset's default quality, colour at full resolution
+    (4:4:4; the usual 4:2:0 halves it, blurring the colour edges of the subject)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
 def process(task):
-    """One item -> ("records", line) after writing its two images, or ("skipped", line)."""
+    """One item -> ("skipped", line), or ("records", line) after writing its two images; with shards
+    ("records", (name, the sample's files)), written by the main process into the shard."""
     settings, out = _worker["settings"], _worker["out"]
     try:
         image = load_rgb(task["path"], settings.size)
@@ -232,11 +253,39 @@ def process(task):
         pair, _ = make_input(image, background, p, settings)
     except Skip as e:
         return "skipped", dict(image=task["image"], name=task["name"], reason=str(e))
+    if _worker["shards"]:
+        meta = dict(subject=task["subject"], caption=task["caption"], image=task["image"])
+        return "records", (task["name"], {"input.jpg": jpeg(pair), "target.jpg": jpeg(image),
+                                          "json": json.dumps(meta).encode()})
     record = dict(input=f"inputs/{task['name']}.png", target=f"targets/{task['name']}.png",
                   subject=task["subject"], caption=task["caption"])
     matting.write_png(pair, os.path.join(out, record["input"]))
     matting.write_png(image, os.path.join(out, record["target"]))
     return "records", record
+
+
+def make_task(index, item, backgrounds, seed):
+    """Item `index` as process() takes it: its name, a background and a seed of its own, drawn from
+    (seed, index), so independent of --workers, --part and resumes."""
+    rng = np.random.default_rng([seed, index])
+    return dict(item, name=item_name(index, item["image"]), background=backgrounds[rng.integers(len(backgrounds))],
+                seed=int(rng.integers(2 ** 31)))
+
+
+@contextmanager
+def processed(tasks, make_segmenter, settings, out, workers, shards=False):
+    """The results of process() over `tasks`, in their order, with a progress bar."""
+    if workers == 1:
+        init_worker(make_segmenter, settings, out, shards)
+        yield tqdm(map(process, tasks), total=len(tasks), desc="pairs", unit="image")
+        return
+    # spawn, not fork: a forked copy of a process that has run torch can hang in its thread pool
+    pool = multiprocessing.get_context("spawn").Pool(
+        workers, init_worker, (make_segmenter, settings, out, shards, max(1, (os.cpu_count() or 1) // workers)))
+    try:  # imap: in order, so the output does not depend on timing
+        yield tqdm(pool.imap(process, tasks), total=len(tasks), desc="pairs", unit="image")
+    finally:
+        pool.terminate()
 
 
 def build(items, backgrounds, out, make_segmenter, settings=None, workers=1, seed=0):
@@ -250,33 +299,61 @@ def build(items, backgrounds, out, make_segmenter, settings=None, workers=1, see
     os.makedirs(os.path.join(out, "targets"), exist_ok=True)
     paths = {kind: os.path.join(out, f"{kind}.jsonl") for kind in ("records", "skipped")}
     done = read_done(paths["records"]) | read_done(paths["skipped"])
-    tasks = []
-    for index, item in enumerate(items):
-        name = item_name(index, item["image"])
-        if name not in done:
-            rng = np.random.default_rng([seed, index])  # per item, so independent of --workers and resumes
-            tasks.append(dict(item, name=name, background=backgrounds[rng.integers(len(backgrounds))],
-                              seed=int(rng.integers(2 ** 31))))
+    tasks = [make_task(i, item, backgrounds, seed) for i, item in enumerate(items)
+             if item_name(i, item["image"]) not in done]
     counts = {"records": 0, "skipped": 0}
-    if workers == 1:
-        init_worker(make_segmenter, settings, out)
-        pool, results = None, map(process, tasks)
-    else:  # spawn, not fork: a forked copy of a process that has run torch can hang in its thread pool
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, init_worker, (make_segmenter, settings, out, max(1, (os.cpu_count() or 1) // workers)))
-        results = pool.imap(process, tasks)  # in order, so the line order does not depend on timing
     files = {kind: open(path, "a") for kind, path in paths.items()}
     try:
-        for kind, line in tqdm(results, total=len(tasks), desc="pairs", unit="image"):
-            files[kind].write(json.dumps(line) + "\n")
-            files[kind].flush()
-            counts[kind] += 1
+        with processed(tasks, make_segmenter, settings, out, workers) as results:
+            for kind, line in results:
+                files[kind].write(json.dumps(line) + "\n")
+                files[kind].flush()
+                counts[kind] += 1
     finally:
         for f in files.values():
             f.close()
-        if pool is not None:
-            pool.terminate()
     return counts
+
+
+def build_shards(items, backgrounds, out, make_segmenter, settings=None, workers=1, seed=0, shard_size=10000,
+                 part=(0, 1)):
+    """The pairs as tar shards (shards.py's layout): shard k holds items k * shard_size onwards, as
+    OUT/{k:05d}.tar, with OUT/{k:05d}_stats.json saying what was skipped and why. Part (i, n) makes the
+    shards k = i, i + n, ... that do not exist yet, so n machines share the work and a rerun resumes
+    (a shard is written whole or not at all). Returns {"records", "skipped", "shards"} new."""
+    settings = settings or Settings()
+    os.makedirs(out, exist_ok=True)
+    remove_leftovers(out)
+    first, parts = part
+    mine = [k for k in range(first, math.ceil(len(items) / shard_size), parts)
+            if not os.path.exists(os.path.join(out, f"{k:05d}.tar"))]
+    spans = {k: range(k * shard_size, min((k + 1) * shard_size, len(items))) for k in mine}
+    tasks = [make_task(i, items[i], backgrounds, seed) for k in mine for i in spans[k]]
+    counts = {"records": 0, "skipped": 0, "shards": 0}
+    with processed(tasks, make_segmenter, settings, out, workers, shards=True) as bar:
+        results = iter(bar)
+        for k in mine:
+            skipped = []
+            with ShardWriter(os.path.join(out, f"{k:05d}.tar")) as shard:
+                for _ in spans[k]:
+                    kind, line = next(results)
+                    if kind == "records":
+                        shard.add(*line)
+                    else:
+                        skipped.append(line)
+                    counts[kind] += 1
+                stats = dict(count=len(spans[k]), written=len(spans[k]) - len(skipped), skipped=skipped)
+                write_text(os.path.join(out, f"{k:05d}_stats.json"), json.dumps(stats, indent=1) + "\n")
+            counts["shards"] += 1
+    return counts
+
+
+def parse_part(text):
+    """--part I/N -> (I, N), 0 <= I < N."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--part {text}: give I/N with 0 <= I < N (machine I of N, counted from 0)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def main():
@@ -308,6 +385,14 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own CLIPSeg")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the background drawn for each image (default %(default)s)")
+    parser.add_argument("--shards", action="store_true",
+                        help="write tar shards OUT/00000.tar, ... (KEY.input.jpg, KEY.target.jpg, KEY.json) instead "
+                             "of records.jsonl and PNG folders: LAION-scale data, streamed by train.py")
+    parser.add_argument("--shard-size", type=int, default=10000,
+                        help="pairs per shard, with --shards (default %(default)s, img2dataset's)")
+    parser.add_argument("--part", default="0/1", metavar="I/N",
+                        help="with --shards: make only shards I, I+N, I+2N, ... (machine I of N, from 0; default "
+                             "%(default)s, all of them)")
     args = parser.parse_args()
 
     try:
@@ -315,6 +400,11 @@ def main():
             raise ValueError(f"need 0 <= --low <= --high <= 1, got --low {args.low} --high {args.high}")
         if args.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
+        part = parse_part(args.part)
+        if part != (0, 1) and not args.shards:
+            raise ValueError(f"--part {args.part} splits the work by shards: add --shards")
         items = read_data(args.data, args.subject)
         backgrounds = list_backgrounds(args.backgrounds)
         if args.from_masks:
@@ -330,9 +420,19 @@ def main():
         else:
             make_segmenter = functools.partial(CLIPSegSegmenter, args.clipseg)
         settings = Settings(args.size, args.high, args.low, args.band, args.max_unknown)
-        counts = build(items, backgrounds, args.out, make_segmenter, settings, args.workers, args.seed)
+        if args.shards:
+            counts = build_shards(items, backgrounds, args.out, make_segmenter, settings, args.workers, args.seed,
+                                  args.shard_size, part)
+        else:
+            counts = build(items, backgrounds, args.out, make_segmenter, settings, args.workers, args.seed)
     except ValueError as e:  # CheckpointError (a bad --clipseg folder) is one too
         sys.exit(f"error: {e}")
+    if args.shards:
+        total = sum(name.endswith(".tar") for name in os.listdir(args.out))
+        print(f"wrote {counts['records']} pairs into {counts['shards']} new shards in {args.out} ({total} of "
+              f"{math.ceil(len(items) / args.shard_size)} there), skipped {counts['skipped']} (reasons in "
+              f"{os.path.join(args.out, 'NNNNN_stats.json')})")
+        return
     records = os.path.join(args.out, "records.jsonl")
     print(f"wrote {counts['records']} new records to {records} ({len(read_done(records))} in all), skipped "
           f"{counts['skipped']} (reasons in {os.path.join(args.out, 'skipped.jsonl')})")

@@ -6,6 +6,8 @@ samples each. In a shard, the files of one sample share a key, the file name up 
 `000123.jpg`, `000123.txt` (the caption), `000123.json` (metadata), in that order, one sample after
 the other. The shards are read with the standard library's tarfile: their headers once, to know
 each sample's place, then one sample at a time, so no more than a step's samples are in memory.
+Stage 2's pairs (pairs.py --shards) keep the layout with two named pictures and the record in the
+json: `000123.input.jpg`, `000123.target.jpg`, `000123.json` ({"subject": ..., "caption": ...}).
 """
 
 import functools
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 
 import numpy as np
 import torch
@@ -82,13 +85,17 @@ def split_key(name):
     return os.path.join(folder, key), suffix.lower()
 
 
-def decode(parts):
-    """One sample's files -> (record, [picture]): the caption (`txt`), the `json` metadata's keys, and
-    the picture (the first of IMAGE_SUFFIXES there), read as data.load_image reads a file. None where
-    the picture or the caption is missing or unreadable: training replaces the sample and counts it."""
-    suffix = next((s for s in IMAGE_SUFFIXES if s in parts), None)
-    if suffix is None or "txt" not in parts:
-        return None
+def picture_suffixes(name):
+    """Where a sample's picture `name` is: "image" is img2dataset's one picture (KEY.jpg, .png, ...),
+    another name a picture of its own (pairs.py's "input": KEY.input.jpg, ...)."""
+    return IMAGE_SUFFIXES if name == "image" else tuple(f"{name}.{s}" for s in IMAGE_SUFFIXES)
+
+
+def decode(parts, pictures=("image",), keys=("caption",)):
+    """One sample's files -> (record, [picture per name in `pictures`]): the record is the `json`
+    metadata's keys and the caption (`txt`, else the json's "caption"); the pictures are read as
+    data.load_image reads a file. None where a picture or one of the record's `keys` is missing or
+    unreadable: training replaces the sample and counts it."""
     record = {}
     if "json" in parts:
         try:
@@ -97,9 +104,56 @@ def decode(parts):
             return None
         if isinstance(meta, dict):
             record.update(meta)
-    record["caption"] = parts["txt"].decode("utf-8", errors="replace").strip()
-    picture = load_image(io.BytesIO(parts[suffix]))
-    return None if picture is None else (record, [picture])
+    if "txt" in parts:
+        record["caption"] = parts["txt"].decode("utf-8", errors="replace").strip()
+    if not all(isinstance(record.get(k), str) for k in keys):
+        return None
+    images = []
+    for name in pictures:
+        suffix = next((s for s in picture_suffixes(name) if s in parts), None)
+        picture = None if suffix is None else load_image(io.BytesIO(parts[suffix]))
+        if picture is None:
+            return None
+        images.append(picture)
+    return record, images
+
+
+class ShardWriter:
+    """Writes one shard sample by sample (`add(key, {suffix: bytes})`), in the layout above, to a hidden
+    temporary file beside `path` that takes its place when the block ends: a shard that exists is
+    whole. The members carry no time stamp, so the same samples make the same bytes."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        folder, name = os.path.split(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
+        self.file = os.fdopen(fd, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def add(self, key, files):
+        for suffix, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mode = len(data), 0o644
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def __exit__(self, kind, *_):
+        self.tar.close()
+        self.file.close()
+        if kind is None:
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)
+
+
+def remove_leftovers(folder):
+    """Remove the temporary shards an interrupted writer left in `folder`."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".tar.tmp-" in name:
+            os.remove(os.path.join(folder, name))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,9 +250,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
     With DataLoader workers, worker w makes the steps start + w, start + w + W, ... (the DataLoader
     hands them back in step order)."""
 
-    def __init__(self, paths, slots, owned, seed, start):
+    def __init__(self, paths, slots, owned, seed, start, pictures=("image",), keys=("caption",)):
         super().__init__()
         self.paths, self.slots, self.owned, self.seed, self.start = paths, slots, owned, seed, start
+        self.pictures, self.keys = pictures, keys
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -209,14 +264,14 @@ class ShardBatches(torch.utils.data.IterableDataset):
             items, replaced = [], 0
             for j, stream in streams.items():
                 source = next(stream)
-                sample = decode(shards.read(*source))
+                sample = decode(shards.read(*source), self.pictures, self.keys)
                 ahead, tries = slot_stream(self.paths, self.slots, j, self.seed, step + 1), 0
                 while sample is None:  # the slot's next readable sample stands in
                     replaced, tries = replaced + 1, tries + 1
                     if tries > 1000:
                         raise DataError(f"--data: over 1000 unreadable samples in a row in slot {j}'s shards")
                     source = next(ahead)
-                    sample = decode(shards.read(*source))
+                    sample = decode(shards.read(*source), self.pictures, self.keys)
                 items.append((j, source, *sample))
                 for _ in range(workers - 1):  # the other workers' steps
                     next(stream)
@@ -231,8 +286,10 @@ class ShardStream:
     """train.py's view of ShardBatches: the items of each step in turn, and the count of samples
     replaced so far (`skipped`, as data.Records counts them)."""
 
-    def __init__(self, paths, slots, owned, seed, start, workers=0):
-        batches = ShardBatches(paths, slots, list(owned), seed, start)
+    def __init__(self, paths, slots, owned, seed, start, workers=0, pictures=("image",), keys=("caption",)):
+        batches = ShardBatches(paths, slots, list(owned), seed, start, pictures, keys)
+        if workers:  # the loader forks; a forked process cannot use tokenizers' threads (it would warn)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=unbatched,
                                              prefetch_factor=2 if workers else None)
         self.batches, self.skipped = iter(loader), 0
@@ -243,3 +300,16 @@ class ShardStream:
         assert got == step, f"the data stream is at step {got}, training at {step}"
         self.skipped += replaced
         return [(j, (source, record, pictures)) for j, source, record, pictures in items]
+
+
+def first_sample(paths, pictures, keys):
+    """The first readable sample of the shards as one record, its pictures (PIL images) under their
+    names: what training draws its progress samples from."""
+    shards = OpenShards(keep=1)
+    for path in paths:
+        for key in shard_keys(path)[:1000]:
+            sample = decode(shards.read(path, key), pictures, keys)
+            if sample is not None:
+                return {**sample[0], **dict(zip(pictures, sample[1]))}
+    raise DataError(f"--data: no readable sample with {', '.join(pictures)} and {', '.join(keys)} in the first "
+                    f"shards ({paths[0]}, ...)")

@@ -139,11 +139,11 @@ def sizes(args, part, cls, **learnt):
 class Stage(nn.Module):
     """What one --stage trains: this module (what DDP wraps, what a checkpoint holds). `frozen`: the
     modules it runs in eval mode under no_grad; `configs`: what a checkpoint must match to resume;
-    `pictures`: the keys of a record's pictures; `size`: the diffusion target's side; `model`: the
+    `pictures`: the keys of a record's pictures; `fields`: the text a record must have; `size`: the diffusion target's side; `model`: the
     BlipDiffusion it trains (None: nothing to sample). batch(step, indices, items) turns this rank's
     share of a step, items (record index, record, pictures), into forward's arguments; export(out)
     writes the trained parts."""
-    pictures, model, size = ("image",), None, None
+    pictures, fields, model, size = ("image",), ("caption",), None, None
 
     def __init__(self, args, device):
         super().__init__()
@@ -281,7 +281,7 @@ class PipelineStage(Stage):
 class SubjectStage(PipelineStage):
     """Stage 2: the UNet's ε-loss under the text with the subject embeddings inserted (Q-Former,
     projection, text encoder and UNet train)."""
-    pictures = ("input", "target")
+    pictures, fields = ("input", "target"), ("subject", "caption")
 
     def __init__(self, args, records, device):
         super().__init__(args, device)

@@ -290,6 +290,9 @@ def main():
     p.add_argument("--backgrounds", type=int, default=400, help="subject-free pictures, the contexts in turn")
     p.add_argument("--inputs", action="store_true",
                    help="also stage 2's pairs made with the true masks (inputs/, subject.jsonl), as examples/toy-data has")
+    p.add_argument("--shards", action="store_true",
+                   help="also as tar shards for train.py: shards/ (stages 0, 1) and with --inputs subject-shards/")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="fixes every picture")
     p = sub.add_parser("examples", help="write the README's held-out subject pictures")
     p.add_argument("--out", default="examples", help="folder to write them in")

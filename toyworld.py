@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from checkpoint import write_atomically, write_folder_atomically
 from pairs import confidence_from_mask
+from shards import ShardWriter
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -385,7 +386,10 @@ def write_data(args):
     stage 2 pastes subjects on). records.jsonl captions the whole picture (stages 0 and 1); pairs.jsonl
     gives pairs.py the context phrase as the caption, the prompt a user types for a subject. With
     --inputs, subject.jsonl holds stage 2's pairs made with the true mask (paste_on_other_context),
-    drawn from a generator of their own, so the pictures are the same with or without them."""
+    drawn from a generator of their own, so the pictures are the same with or without them. With
+    --shards the same data also as tar shards (shards.py's layout, --shard-size samples each) that
+    train.py streams: shards/ (KEY.png, KEY.txt, KEY.json: stages 0 and 1) and, with --inputs,
+    subject-shards/ (KEY.input.png, KEY.target.png, KEY.json: stage 2, as pairs.py --shards)."""
     rng, paste_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
 
     def write(tmp):
@@ -412,11 +416,37 @@ def write_data(args):
             back = background(CONTEXTS[i % len(CONTEXTS)], rng, WorldConfig.size)
             Image.fromarray(np.round(np.clip(back, 0, 1) * 255).astype(np.uint8)).save(
                 os.path.join(tmp, "backgrounds", f"{i:05d}.png"))
+        if args.shards:
+            write_shards(tmp, args.shard_size, stage2 if args.inputs else None)
 
     write_folder_atomically(args.out, write)
     print(f"wrote {args.n} pictures with masks and {args.backgrounds} backgrounds to {args.out} "
           f"(records.jsonl for train.py, pairs.jsonl for pairs.py"
-          + (", subject.jsonl for train.py --stage subject)" if args.inputs else ")"))
+          + (", subject.jsonl for train.py --stage subject)" if args.inputs else ")")
+          + (f"; the same as tar shards in {args.out}/shards/" + (" and subject-shards/" if args.inputs else "")
+             if args.shards else ""))
+
+
+def write_shards(folder, size, stage2):
+    """The pictures of `folder`'s records.jsonl (and the `stage2` pairs) as tar shards in `folder`."""
+    def read(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return f.read()
+    with open(os.path.join(folder, "records.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    kinds = {"shards": [{"png": read(rec["image"]), "txt": rec["caption"].encode(),
+                         "json": json.dumps({"subject": rec["subject"], "context": rec["context"]}).encode()}
+                        for rec in records]}
+    if stage2 is not None:
+        kinds["subject-shards"] = [{"input.png": read(rec["input"]), "target.png": read(rec["target"]),
+                                    "json": json.dumps({"subject": rec["subject"], "caption": rec["caption"]}).encode()}
+                                   for rec in stage2]
+    for sub, samples in kinds.items():
+        os.makedirs(os.path.join(folder, sub))
+        for k in range(0, len(samples), size):
+            with ShardWriter(os.path.join(folder, sub, f"{k // size:05d}.tar")) as shard:
+                for i in range(k, min(k + size, len(samples))):
+                    shard.add(f"{i:06d}", samples[i])  # the name of its picture in images/
 
 
 # The README's subjects: held-out identities (never in training), one of a kind each.

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, latest_training, load_training, save_training
 from data import DataError, Records, read_records
-from shards import ShardStream, is_shards, shard_paths
+from shards import ShardStream, first_sample, is_shards, shard_paths
 from stages import STAGES, TrainError, build_stage
 
 
@@ -84,8 +84,8 @@ def main(argv=None):
                         "(toy and DIR: stage 0, and stage 1 from the toy's image tower)")
     p.add_argument("--weights", default=None, help="a BLIP-Diffusion folder in the published layout to start from")
     p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), "
-                                                 "tar shards (multimodal, t2i: 'data/{00000..01023}.tar', a folder, "
-                                                 "a list), or 'toy' (examples/toy-data: 64 pictures of the toy world)")
+                                                 "tar shards (multimodal, t2i, subject: 'data/{00000..01023}.tar', "
+                                                 "a folder, a list), or 'toy' (examples/toy-data: 64 pictures of the toy world)")
     p.add_argument("--sd", default=None, help="subject, t2i: SD v1.5's single file (v1-5-pruned-emaonly.safetensors) "
                                                "or a diffusers-layout folder (the toy's stage-0 --out) to start from")
     p.add_argument("--qformer", default=None, help="subject: a stage-1 output folder (its qformer/ and bert_tokenizer/)")
@@ -175,9 +175,9 @@ def train(args):
         raise TrainError(f"--workers {args.workers}: give 0 (read in the training process) or more")
     paths, records = None, None  # tar shards (streamed), or the records of a manifest
     if args.data and args.data != "toy" and is_shards(args.data):
-        if args.stage not in ("multimodal", "t2i"):
-            raise TrainError(f"--stage {args.stage} reads a JSONL manifest; tar shards (image + caption) are "
-                             "read by --stage multimodal and t2i")
+        if args.stage not in ("multimodal", "t2i", "subject"):
+            raise TrainError(f"--stage {args.stage} reads a JSONL manifest; tar shards are read by --stage "
+                             "multimodal and t2i (image + caption) and subject (pairs.py --shards)")
         paths = shard_paths(args.data)  # checked before any work
     else:
         records = read_records(args.stage, args.data, args.subject)  # checked before any work
@@ -232,8 +232,11 @@ def train(args):
     # This rank's share of each global batch: its positions rank, rank + world, ..., so micro-slice a
     # holds every world-th sample of the batch's a-th slice.
     owned = range(rank, batch_size, world)
-    data = (Records(records, stage.pictures, batch_size, owned, args.seed) if paths is None
-            else ShardStream(paths, batch_size, owned, args.seed, start, args.workers))
+    if paths is None:
+        data, examples = Records(records, stage.pictures, batch_size, owned, args.seed), records
+    else:
+        data = ShardStream(paths, batch_size, owned, args.seed, start, args.workers, stage.pictures, stage.fields)
+        examples = [first_sample(paths, stage.pictures, stage.fields)] if master and stage.model else None
 
     for step in range(start, steps):
         t0 = time.time()
@@ -281,7 +284,7 @@ def train(args):
             with ema_weights(stage, ema):
                 stage.export(args.out)
                 if stage.model is not None:
-                    stage.sample(args.out, done, records)
+                    stage.sample(args.out, done, examples)
     if master:
         print(f"trained {args.stage} for {steps} steps: the model is in {args.out}"
               + ("" if stage.model is None else f" (sample.py --weights {args.out})")

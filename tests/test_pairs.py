@@ -171,6 +171,58 @@ def test_workers_do_not_change_the_output(data):
             assert (data / "one" / folder / f).read_bytes() == (data / "two" / folder / f).read_bytes()
 
 
+def run_shards(data, out, workers=1, part=(0, 1)):
+    items = pairs.read_data(str(data / "data.jsonl"))
+    backgrounds = pairs.list_backgrounds(str(data / "bg"))
+    return pairs.build_shards(items, backgrounds, str(out), KnownMask, SETTINGS, workers, 3, shard_size=2, part=part)
+
+
+def test_shards_hold_the_pairs_however_the_work_is_split_and_resume(data):
+    from shards import OpenShards, decode, shard_keys, shard_paths
+    out = data / "shards"
+    assert run_shards(data, out) == {"records": 4, "skipped": 2, "shards": 3}  # items 0-1, 2-3, 4-5
+    run(data, data / "png")  # the same pairs as PNG files and a manifest
+    records = read_lines(data / "png" / "records.jsonl")
+    paths = shard_paths(str(out))
+    keys = [(path, key) for path in paths for key in shard_keys(path)]
+    assert [key for _, key in keys] == [os.path.basename(r["input"])[:-4] for r in records]
+    reader = OpenShards()
+    for (path, key), rec in zip(keys, records):
+        meta, pictures = decode(reader.read(path, key), ("input", "target"), ("subject", "caption"))
+        assert (meta["subject"], meta["caption"]) == (rec["subject"], rec["caption"])
+        for picture, name in zip(pictures, (rec["input"], rec["target"])):  # JPEG at quality 95: close
+            assert np.abs(np.asarray(picture, float) - np.asarray(Image.open(data / "png" / name), float)).mean() < 3
+    stats = json.loads((out / "00001_stats.json").read_text())
+    assert (stats["count"], stats["written"]) == (2, 1) and "unreadable image" in stats["skipped"][0]["reason"]
+
+    split = data / "split"  # two machines, one with two workers: the same shards, byte for byte
+    assert run_shards(data, split, part=(1, 2), workers=2) == {"records": 1, "skipped": 1, "shards": 1}
+    assert run_shards(data, split, part=(0, 2))["shards"] == 2
+    assert sorted(os.listdir(split)) == sorted(os.listdir(out))
+    assert all((split / f).read_bytes() == (out / f).read_bytes() for f in os.listdir(out))
+
+    # Resumed: the missing shard is made again, a half-written one is removed, the others are kept.
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+    before = (out / "00002.tar").read_bytes()
+    os.remove(out / "00002.tar")
+    (out / ".00001.tar.tmp-abc").write_bytes(b"half a shard")
+    assert run_shards(data, out) == {"records": 1, "skipped": 1, "shards": 1}
+    assert sorted(os.listdir(out)) == sorted(stamps) and (out / "00002.tar").read_bytes() == before
+    assert all(os.stat(out / f).st_mtime_ns == stamps[f] for f in stamps if not f.startswith("00002"))
+
+
+def test_shards_command_line_and_its_errors(data, monkeypatch, capsys):
+    argv = ["pairs.py", "--data", str(data / "data.jsonl"), "--backgrounds", str(data / "bg"), "--from-masks",
+            "--out", str(data / "out")]
+    for extra, message in ((["--part", "2/2", "--shards"], "0 <= I < N"), (["--part", "0/2"], "add --shards"),
+                           (["--shards", "--shard-size", "0"], "--shard-size")):
+        monkeypatch.setattr(sys, "argv", argv + extra)
+        with pytest.raises(SystemExit) as e:
+            pairs.main()
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+        assert not (data / "out").exists()
+
+
 def test_command_line_with_clipseg(data, tmp_path, monkeypatch, capsys):
     from test_clipseg import saved_reference  # here, so that worker processes need not import transformers
 

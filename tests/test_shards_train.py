@@ -81,3 +81,32 @@ def test_two_processes_with_workers_resume_exactly(tmp_path):
     run(split, 4, "--resume")
     assert_same_weights(weights(straight, 4), weights(split, 4), atol=1e-6)
     assert losses(straight) == losses(split)
+
+
+def test_stage_two_streams_the_pair_shards_the_toy_world_writes(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import toyeval
+    from data import read_manifest
+    toy = tmp_path / "toy"
+    monkeypatch.setattr(sys, "argv", ["toyworld.py", "data", "--n", "8", "--backgrounds", "0", "--inputs", "--shards",
+                                      "--shard-size", "3", "--out", str(toy)])
+    toyeval.main()
+    for folder, manifest, pictures, fields in (("shards", "records.jsonl", ("image",), ("caption",)),
+                                               ("subject-shards", "subject.jsonl", ("input", "target"),
+                                                ("subject", "caption"))):
+        records = read_manifest(str(toy / manifest), fields)
+        stream = ShardStream(shard_paths(str(toy / folder)), 4, range(4), 0, 0, pictures=pictures, keys=fields)
+        seen = set()
+        for step in range(2):
+            for _, ((_, key), record, images) in stream.step(step):
+                rec, seen = records[int(key)], seen | {key}
+                assert all(record[f] == rec[f] for f in fields)
+                for image, name in zip(images, pictures):  # PNG in the shard: the same pixels
+                    assert np.array_equal(np.asarray(image), np.asarray(Image.open(rec[name]).convert("RGB")))
+        assert len(seen) > 4  # the steps move through the data
+    out = tmp_path / "run"
+    assert train.main(["--stage", "subject", "--model", "tiny", "--data", str(toy / "subject-shards"), "--steps", "2",
+                       "--batch-size", "2", "--out", str(out)]) == 0
+    assert os.path.isfile(out / "model_index.json") and os.listdir(out / "samples")
