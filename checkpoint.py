@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 
@@ -238,7 +239,33 @@ def save_training(out, step, trainable, optimizer, schedule, ema, fingerprint, k
 
     write_folder_atomically(os.path.join(out, "checkpoints", f"step-{step:07d}"), write)
     for old in sorted(glob.glob(os.path.join(out, "checkpoints", "step-*")))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Hidden by one rename first, so an interruption leaves no half-deleted checkpoint in view.
+        gone = os.path.join(os.path.dirname(old), f".{os.path.basename(old)}.old-pruned")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+# The hidden names write_folder_atomically (.NAME.tmp-*, .NAME.old-*) and write_atomically (.NAME.XXXXXXXX.EXT,
+# mkstemp's 8 random characters) give what they have not finished.
+LEFTOVER = re.compile(r"\..+\.(tmp-|old-)\w+|\..+\.[a-z0-9_]{8}(\.\w+)?")
+
+
+def remove_leftovers(out):
+    """Remove what an interrupted run left half-written beside the run folder `out` (its own temporary
+    folders only), inside it, among its checkpoints and samples. -> the number removed."""
+    out = os.path.abspath(out)
+    parent, name = os.path.split(out)
+    found = [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(f".{name}.") and LEFTOVER.fullmatch(n)]
+    for folder in (out, os.path.join(out, "checkpoints"), os.path.join(out, "samples")):
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, n) for n in os.listdir(folder) if LEFTOVER.fullmatch(n)]
+    for path in found:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    return len(found)
 
 
 def latest_training(out):

@@ -33,7 +33,7 @@ from torch import nn
 
 from blip2 import Blip2Pretraining, pretraining_model
 from blipdiff import BlipDiffusion, build_prompt, preprocess_subject
-from checkpoint import config_from_dict, read_json, read_tensors, write_folder_atomically, write_part
+from checkpoint import config_from_dict, read_json, read_tensors, write_atomically, write_folder_atomically, write_part
 from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, VisionConfig, VisionTransformer, contrastive_loss,
                   train_clip_tokenizer)
 from data import load_image, sample_generator, to_target
@@ -273,7 +273,7 @@ class PipelineStage(Stage):
         image = self.model.generate(*self.sample_inputs(records), steps=25, seed=0, height=self.size,
                                     width=self.size, progress=False)[0]
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        image.save(os.path.join(out, "samples", f"step-{step:07d}.png"))
+        write_atomically(os.path.join(out, "samples", f"step-{step:07d}.png"), lambda tmp: image.save(tmp, format="PNG"))
         for m, mode in modes.items():
             m.train(mode)
 

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, latest_training, load_training, save_training
+from checkpoint import (CheckpointError, latest_training, load_training, remove_leftovers, save_training,
+                        write_text)
 from data import DataError, Records, read_records
 from shards import ShardStream, first_sample, is_shards, shard_paths
 from stages import STAGES, TrainError, build_stage
@@ -135,6 +136,29 @@ def main(argv=None):
     except (TrainError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            latest = latest_training(args.out)
+            print("\ninterrupted: " + (f"{latest} is the latest checkpoint, whole; continue with the same command "
+                                         f"and --resume" if latest else "no checkpoint was saved yet"), file=sys.stderr)
+        return 130
+
+
+def open_log(out, start):
+    """out/log.jsonl for appending, holding the rows of steps 1..start only: a resumed run logs the steps
+    after its checkpoint once (a killed run may have logged some past it, or half a line)."""
+    path, rows = os.path.join(out, "log.jsonl"), []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= start:
+                    rows.append(line if line.endswith("\n") else line + "\n")
+    write_text(path, "".join(rows))
+    return open(path, "a")
 
 
 def setup_distributed():
@@ -223,12 +247,16 @@ def train(args):
         start, ema = load_training(path, stage, optimizer, schedule, fingerprint)
         if master:
             print(f"resumed from {path} at step {start}")
+        if start > steps:
+            raise TrainError(f"--resume: {path} is at step {start}, past --steps {steps}; give --steps {start} or more")
     if args.ema and ema is None:
         ema = {k: v.detach().clone() for k, v in stage.state_dict().items()}
     net = DDP(stage) if ddp else stage
     net = torch.compile(net) if args.compile else net
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    log = open_log(args.out, start) if master else None
+    if master and remove_leftovers(args.out):
+        print(f"removed what an interrupted run left half-written in {args.out}")
     # This rank's share of each global batch: its positions rank, rank + world, ..., so micro-slice a
     # holds every world-th sample of the batch's a-th slice.
     owned = range(rank, batch_size, world)
@@ -280,12 +308,15 @@ def train(args):
             optimizer.consolidate_state_dict(to=0)
         if master and saving:
             save_training(args.out, done, stage, optimizer, schedule, ema, fingerprint, args.keep)
-        if master and (done == steps or (args.sample_every and done % args.sample_every == 0)):
+        if master and args.sample_every and done % args.sample_every == 0 and done < steps:
             with ema_weights(stage, ema):
                 stage.export(args.out)
-                if stage.model is not None:
-                    stage.sample(args.out, done, examples)
-    if master:
+                stage.sample(args.out, done, examples)
+    if master:  # also when resumed at the last step: a run killed while exporting ends here
+        with ema_weights(stage, ema):
+            stage.export(args.out)
+            if stage.model is not None:
+                stage.sample(args.out, steps, examples)
         print(f"trained {args.stage} for {steps} steps: the model is in {args.out}"
               + ("" if stage.model is None else f" (sample.py --weights {args.out})")
               + f", checkpoints in {args.out}/checkpoints, log in {args.out}/log.jsonl"
