@@ -178,10 +178,10 @@ class Records:
     """A manifest's records, a step's share at a time: the global batch of a step is `step_indices`,
     this process takes its positions `owned` in it (rank, rank + world, ...). Pictures (the `keys` of
     each record) are read on demand; an unreadable picture is replaced by the next readable record and
-    counted, never a crash. shards.ShardStream serves tar shards the same way."""
+    counted (`skipped` of `read`), never a crash. shards.ShardStream serves tar shards the same way."""
 
     def __init__(self, records, keys, batch_size, owned, seed):
-        self.records, self.keys, self.skipped = records, keys, 0
+        self.records, self.keys, self.skipped, self.read = records, keys, 0, 0
         self.batch_size, self.owned, self.seed = batch_size, list(owned), seed
 
     def step(self, step):
@@ -197,6 +197,7 @@ class Records:
         for j in range(len(self.records)):
             rec = self.records[(index + j) % len(self.records)]
             pics = [load_image(rec[k]) for k in self.keys]
+            self.read += 1
             if all(pic is not None for pic in pics):
                 return (index + j) % len(self.records), rec, pics
             self.skipped += 1

@@ -284,7 +284,7 @@ def unbatched(item):
 
 class ShardStream:
     """train.py's view of ShardBatches: the items of each step in turn, and the count of samples
-    replaced so far (`skipped`, as data.Records counts them)."""
+    replaced so far (`skipped` of `read`, as data.Records counts them)."""
 
     def __init__(self, paths, slots, owned, seed, start, workers=0, pictures=("image",), keys=("caption",)):
         batches = ShardBatches(paths, slots, list(owned), seed, start, pictures, keys)
@@ -292,13 +292,13 @@ class ShardStream:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=unbatched,
                                              prefetch_factor=2 if workers else None)
-        self.batches, self.skipped = iter(loader), 0
+        self.batches, self.skipped, self.read = iter(loader), 0, 0
 
     def step(self, step):
         """-> [(slot, ((shard path, key), record, pictures))] for this process's slots, as data.Records."""
         got, items, replaced = next(self.batches)
         assert got == step, f"the data stream is at step {got}, training at {step}"
-        self.skipped += replaced
+        self.skipped, self.read = self.skipped + replaced, self.read + len(items) + replaced
         return [(j, (source, record, pictures)) for j, source, record, pictures in items]
 
 

@@ -266,6 +266,7 @@ def train(args):
         data = ShardStream(paths, batch_size, owned, args.seed, start, args.workers, stage.pictures, stage.fields)
         examples = [first_sample(paths, stage.pictures, stage.fields)] if master and stage.model else None
 
+    skipped, read = 0, 0
     for step in range(start, steps):
         t0 = time.time()
         share = data.step(step)
@@ -278,10 +279,11 @@ def train(args):
                 loss = net(*stage.batch(step, list(chunk), list(items))) / args.grad_accum
             loss.backward()
             total += loss.item()
-        if ddp:
-            loss_t = torch.tensor(total, device=device)
-            dist.all_reduce(loss_t)
-            total = loss_t.item() / world
+        skipped, read = data.skipped, data.read  # this process's, so far
+        if ddp:  # the loss averaged, the counts summed over processes
+            sums = torch.tensor([total, skipped, read], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            total, skipped, read = sums[0].item() / world, int(sums[1]), int(sums[2])
         if not math.isfinite(total):
             raise TrainError(f"step {step + 1}: the loss is {total}; stopping, the last good checkpoint is "
                              f"{latest_training(args.out) or 'none'} (try a lower --lr)")
@@ -298,7 +300,7 @@ def train(args):
         if master and (done % args.log_every == 0 or done == steps):
             row = {"step": done, "loss": total, "lr": schedule.get_last_lr()[0], "grad_norm": float(norm),
                    "images_per_s": batch_size / dt, "step_ms": 1000 * dt, "data_ms": 1000 * waited,
-                   "skipped": data.skipped}
+                   "skipped": skipped}
             print(f"step {done}/{steps} | loss {total:.4f} | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
                   f"{row['images_per_s']:.1f} img/s | {row['step_ms']:.0f} ms", flush=True)
             log.write(json.dumps(row) + "\n")
@@ -320,7 +322,7 @@ def train(args):
         print(f"trained {args.stage} for {steps} steps: the model is in {args.out}"
               + ("" if stage.model is None else f" (sample.py --weights {args.out})")
               + f", checkpoints in {args.out}/checkpoints, log in {args.out}/log.jsonl"
-              + (f"; {data.skipped} unreadable images skipped" if data.skipped else ""))
+              + (f"; skipped {skipped} of {read} samples (unreadable, each replaced by the next)" if skipped else ""))
     if ddp:
         dist.destroy_process_group()
     return 0

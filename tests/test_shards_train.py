@@ -56,7 +56,7 @@ def test_an_unreadable_sample_is_replaced_and_counted_and_no_match_is_one_line(t
         write_shard(folder / f"{s:05d}.tar", [f"{s}{k:05d}" for k in range(6)], corrupt={"000002"} if s == 0 else ())
     args = ["--stage", "multimodal", "--model", "tiny", "--batch-size", "2", "--steps", "6"]
     assert train.main(args + ["--data", str(folder), "--out", str(tmp_path / "run")]) == 0
-    assert "1 unreadable images skipped" in capsys.readouterr().out
+    assert "skipped 1 of 13 samples" in capsys.readouterr().out
     assert train.main(args + ["--data", str(tmp_path / "none-{0..3}.tar"), "--out", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no shard matches" in err
