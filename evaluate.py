@@ -43,7 +43,7 @@ from blipdiff import BlipDiffusion, Sampling, keep_freed_memory
 from checkpoint import CheckpointError, write_atomically, write_json, write_text
 from data import DataError, ImageError, center_crop, image_files, read_image
 from metrics import CLIPModel, DINOViT, clip_pixels, dino_pixels
-from sample import pick_device
+from cli import add_threads, pick_device, use_threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -399,6 +399,7 @@ def metric_arguments(p):
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto: cuda, then mps, then cpu; the networks run in fp32")
     p.add_argument("--batch-size", type=positive, default=32, help="pictures (or prompts) per forward pass")
+    add_threads(p)
 
 
 def positive(text):
@@ -419,6 +420,12 @@ def main(argv=None):
                                                         "their means")
     add_dreambench_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_threads(args.threads)
     keep_freed_memory()
     commands = {"score": score_command, "dreambench": dreambench}
     try:

@@ -20,7 +20,6 @@ Conventions: images are float (H, W, 3) in [0, 1]. Trimaps are (H, W): uint8 wit
 255 = foreground, or float with 0.0 = background, 1.0 = foreground; every other value is unknown.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import scipy.sparse.linalg as sla
 from PIL import Image
 
 from checkpoint import write_atomically
+from cli import Parser, check_writable, real
 from data import read_image
 
 EPS = 1e-7  # colour-line regulariser of every reference (MATLAB getLaplacian1.m, pymatting cf_laplacian)
@@ -247,21 +247,25 @@ def write_png(array, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description="Closed-form alpha matting (Levin et al. 2008) of an image given a trimap.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog="matting.py",
+                    description="Closed-form alpha matting (Levin et al. 2008) of an image given a trimap.")
     parser.add_argument("--image", required=True, help="RGB image (PNG, JPEG, ...)")
     parser.add_argument("--trimap", required=True,
                         help="grey trimap of the same size: 0 = background, 255 = foreground, else unknown")
     parser.add_argument("--out", required=True, help="where to write the 8-bit alpha PNG")
     parser.add_argument("--foreground", default=None, help="also write the estimated foreground RGB PNG here")
-    parser.add_argument("--eps", type=float, default=EPS, help="colour-line regulariser; the paper's value")
+    parser.add_argument("--eps", type=real(above=0), default=EPS, help="colour-line regulariser; the paper's value")
     args = parser.parse_args()
 
     try:
-        for path in filter(None, (args.out, args.foreground)):
+        for flag, path in (("--out", args.out), ("--foreground", args.foreground)):
+            if path is None:
+                continue
+            if not path.lower().endswith(".png"):
+                raise ValueError(f"{flag} {path}: the output is a PNG; give a name ending in .png")
             if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise ValueError(f"the folder of {path} does not exist; create it first")
+            check_writable(path, flag)
         image = _load(args.image, "RGB").astype(np.float64) / 255.0
         trimap = _load(args.trimap, "L")
         if image.shape[:2] != trimap.shape:

@@ -40,7 +40,6 @@ writing into one folder (or folders joined afterwards): the shards are the same 
 split.
 """
 
-import argparse
 import functools
 import io
 import json
@@ -61,6 +60,7 @@ from tqdm import tqdm
 
 import matting
 from checkpoint import write_text
+from cli import Parser, add_threads, use_threads
 from clipseg import CLIPSeg
 from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image, read_manifest
 from shards import ShardWriter, remove_leftovers
@@ -281,7 +281,7 @@ def processed(tasks, make_segmenter, settings, out, workers, shards=False):
         return
     # spawn, not fork: a forked copy of a process that has run torch can hang in its thread pool
     pool = multiprocessing.get_context("spawn").Pool(
-        workers, init_worker, (make_segmenter, settings, out, shards, max(1, (os.cpu_count() or 1) // workers)))
+        workers, init_worker, (make_segmenter, settings, out, shards, max(1, torch.get_num_threads() // workers)))
     try:  # imap: in order, so the output does not depend on timing
         yield tqdm(pool.imap(process, tasks), total=len(tasks), desc="pairs", unit="image")
     finally:
@@ -358,7 +358,8 @@ def parse_part(text):
 
 def main():
     defaults = Settings()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
+        prog="pairs.py",
         description="BLIP-Diffusion's prompted context generation (paper sec. 3.2): subject matted onto a "
                     "random background (input) paired with the original image (target).",
         epilog="DATA is a JSONL manifest of {\"image\": path relative to the manifest, \"subject\": \"dog\", "
@@ -393,7 +394,9 @@ def main():
     parser.add_argument("--part", default="0/1", metavar="I/N",
                         help="with --shards: make only shards I, I+N, I+2N, ... (machine I of N, from 0; default "
                              "%(default)s, all of them)")
+    add_threads(parser)
     args = parser.parse_args()
+    use_threads(args.threads)  # with --workers N, each process takes its share
 
     try:
         if not 0 <= args.low <= args.high <= 1:

@@ -11,7 +11,6 @@ model_index.json names: 5 for the toy), the model's own resolution (512x512 for 
 read, so bad input costs a second, prints one line and writes nothing.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from checkpoint import write_atomically
+from cli import Parser, add_threads, check_writable, pick_device, real, use_threads, whole
 from controlnet import CANNY_HIGH, CANNY_LOW, Control
 from data import IMAGE_EXTENSIONS, ImageError, image_files, read_image
 
@@ -49,12 +49,28 @@ def read_images(path):
 
 
 def check_output(path):
-    """The output must have a known extension and a writable folder, checked before any work."""
+    """The output must have a known extension and an existing folder this process can write in,
+    checked (by making a file there) before any work."""
     if not path.lower().endswith(OUTPUT_EXTENSIONS):
         raise InputError(f"--out {path}: use one of {', '.join(OUTPUT_EXTENSIONS)}")
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise InputError(f"--out {path}: cannot write to {folder}; create it or choose another place")
+    if not os.path.isdir(folder):
+        raise InputError(f"--out {path}: there is no folder {folder}; create it or choose another place")
+    try:
+        check_writable(path)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def check_weights(folder):
+    """A training run's folder without its exported model (a run stopped before its end) is said as
+    such, with the way to finish it; what else can be wrong with a weights folder, the loader says."""
+    if os.path.isfile(os.path.join(folder, "model_index.json")) or not os.path.isdir(os.path.join(folder, "checkpoints")):
+        return
+    steps = sorted(n for n in os.listdir(os.path.join(folder, "checkpoints")) if n.startswith("step-"))
+    raise InputError(f"--weights {folder}: a training run without an exported model"
+                     + (f" (checkpoints up to {steps[-1]})" if steps else "") + "; finish it with the command that "
+                     f"started it plus --resume (train.py ... --out {folder} --resume), which exports the model")
 
 
 def grid(images):
@@ -133,19 +149,8 @@ def check_edit(args, subjects):
     return read_images(args.edit)[0] if args.edit else None
 
 
-def pick_device(name):
-    import torch
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Render a subject in a new context (BLIP-Diffusion, zero-shot).")
+    p = Parser(prog="sample.py", description="Render a subject in a new context (BLIP-Diffusion, zero-shot).")
     toy = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy"))
     p.add_argument("--weights", default=toy,
                    help="published-layout folder: the shipped toy model, or e.g. weights/blipdiffusion (weights/README.md)")
@@ -154,22 +159,22 @@ def main(argv=None):
                         "(not needed with a model fine-tuned by train.py --stage finetune)")
     p.add_argument("--subject-text", action="append", default=[], metavar="WORD",
                    help="the subject's category word (e.g. dog), one per --subject")
-    p.add_argument("--subject-weight", action="append", type=float, default=[], metavar="W",
+    p.add_argument("--subject-weight", action="append", type=real(low=0), default=[], metavar="W",
                    help="mixing weight per --subject (subject interpolation); default equal")
     p.add_argument("--target-text", default=None, metavar="WORD", help="word written into the prompt; default the first subject text")
     p.add_argument("--prompt", required=True, help='the new context, e.g. "swimming underwater"')
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default empty, as diffusers)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
+    p.add_argument("--steps", type=whole(1), default=50, help="denoising steps (PNDM: steps + 1 UNet calls)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 7.5 published, "
                         "5 the toy)")
-    p.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed + k")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's, 512 published)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--seed", type=whole(0), default=0, help="image k of a batch uses seed + k")
+    p.add_argument("--height", type=whole(8), default=None, help="pixels, a multiple of 8 (default: the model's, 512 published)")
+    p.add_argument("--width", type=whole(8), default=None, help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
                    help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM; dpm: DPM-Solver++(2M), "
                         "as good at 25 steps on the toy evaluation (docs/usage.md)")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=whole(1), default=1, help="images per prompt")
     p.add_argument("--center-crop", action="store_true",
                    help="LAVIS-style subject preprocessing (short side resize + centre crop) instead of diffusers' squash")
     g = p.add_argument_group("structure control (ControlNet, paper §3.3); repeat the four flags for several "
@@ -178,35 +183,44 @@ def main(argv=None):
                    help="canny: edges of --control-image steer the layout; image: --control-image is the map itself")
     g.add_argument("--control-image", action="append", default=[], metavar="PATH",
                    help="the photo (canny) or the control map (image), one per --control")
-    g.add_argument("--control-scale", type=float, action="append", default=[],
+    g.add_argument("--control-scale", type=real(low=0), action="append", default=[],
                    help="ControlNet residual scale (default 1.0; 0 turns it off): one for all, or one per --control")
     g.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="ControlNet folder (e.g. lllyasviel/sd-controlnet-canny), one per --control; "
                         "default WEIGHTS/controlnet")
-    g.add_argument("--canny-low", type=float, default=CANNY_LOW, help="Canny's low threshold (0-255 gradient scale)")
-    g.add_argument("--canny-high", type=float, default=CANNY_HIGH, help="Canny's high threshold")
+    g.add_argument("--canny-low", type=real(low=0), default=CANNY_LOW, help="Canny's low threshold (0-255 gradient scale)")
+    g.add_argument("--canny-high", type=real(low=0), default=CANNY_HIGH, help="Canny's high threshold")
     g = p.add_argument_group("subject-driven editing (prompt-to-prompt, paper §3.3)")
     g.add_argument("--edit", default=None, metavar="IMAGE", help="a real image to edit; without it the source is generated")
     g.add_argument("--edit-word", default=None, metavar="WORD",
                    help='the word to replace: the source is "a {WORD} {prompt}", the edit puts the subject there')
-    g.add_argument("--edit-threshold", type=float, default=0.3,
+    g.add_argument("--edit-threshold", type=real(low=0, high=1), default=0.3,
                    help="edit-mask threshold on the source word's attention (LAVIS 0.3; lower edits more)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: CUDA if there is one, then MPS, else the CPU")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: the first call compiles (about a minute on a 2-core CPU), later "
                         "steps run faster; pays off over long runs (docs/usage.md#speed)")
     p.add_argument("--out", default="out.png", help=".png/.jpg image (a grid when N > 1) or .npy float32 (N, H, W, 3)")
+    add_threads(p)
     args = p.parse_args(argv)
+    try:
+        return generate(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing written to {args.out}", file=sys.stderr)
+        return 130
 
+
+def generate(args):
     # Everything that can be wrong with the input is checked before the weights are read.
     try:
-        if any(s is not None and (s % 8 or s <= 0) for s in (args.height, args.width)):
-            raise InputError(f"--height/--width {args.height}x{args.width}: use positive multiples of 8 (e.g. 512)")
-        if args.steps < 1:
-            raise InputError(f"--steps {args.steps}: must be at least 1")
-        if args.num_images < 1:
-            raise InputError(f"--num-images {args.num_images}: must be at least 1")
+        for flag, size in (("--height", args.height), ("--width", args.width)):
+            if size is not None and size % 8:
+                raise InputError(f"{flag} {size}: use a multiple of 8 (e.g. {size // 8 * 8 or 8} or {size // 8 * 8 + 8})")
+        if args.canny_low > args.canny_high:
+            raise InputError(f"--canny-low {args.canny_low} is above --canny-high {args.canny_high}")
+        check_weights(args.weights)
         if not args.subject and not os.path.isfile(os.path.join(args.weights, "ctx_embeddings.safetensors")):
             raise InputError("give --subject PATH (an image or a folder of images) and --subject-text WORD; "
                              f"{args.weights} is not a fine-tuned model that carries its subject")
@@ -225,8 +239,13 @@ def main(argv=None):
     from blipdiff import DTYPES, BlipDiffusion, Sampling, keep_freed_memory
     from checkpoint import CheckpointError
 
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_threads(args.threads)
     keep_freed_memory()
-    device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")]
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     start = time.time()

@@ -1,5 +1,5 @@
 """The toy BLIP-Diffusion: the published architecture at sizes a laptop CPU trains, and the
-curriculum that trains weights/toy/ from nothing.
+curriculum that trains the shipped weights/toy/ from nothing.
 
 Every module is the project's own (clip.py, qformer.py, unet.py, vae.py) with small widths; only the
 sizes differ from the published model, so every command of the project runs on the toy model as it
@@ -17,12 +17,11 @@ trained here too (stage 0; its objectives are train.py's --stage vae, clip and t
      subject    stage 2, subject representation learning on those pairs
   (fine-tuning on a held-out subject is measured by `python toyworld.py evaluate`)
 
-    python toymodel.py            # every stage into runs/toy (rerun to resume), then weights/toy
+    python toymodel.py            # every stage into runs/toy (rerun to resume), then weights/toy-retrained
 
 Each stage prints the exact command it runs, so any one can be rerun or changed by hand.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -35,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from checkpoint import write_folder_atomically, write_json
+from cli import Parser, whole
 from clip import CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
 from train import sigusr1
@@ -231,14 +231,19 @@ def install(model, folder):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the toy BLIP-Diffusion from nothing: the toy world's data, "
-                                            "stage 0 (VAE, CLIP pair, text-to-image UNet), stage 1, pairs, stage 2.")
+    p = Parser(prog="toymodel.py", description="Train the toy BLIP-Diffusion from nothing: the toy world's data, "
+                           "stage 0 (VAE, CLIP pair, text-to-image UNet), stage 1, pairs, stage 2.")
     p.add_argument("--out", default="runs/toy", help="working folder: one sub-folder per stage; rerun to resume")
-    p.add_argument("--install", default="weights/toy", help="where the trained model is copied at the end ('' : not)")
-    p.add_argument("--data-size", type=int, default=20000, help="pictures of training identities")
-    p.add_argument("--steps", type=int, default=None, help="every stage this many steps (a smoke test)")
-    p.add_argument("--batch-size", type=int, default=None, help="every stage this batch (a smoke test)")
+    p.add_argument("--install", default="weights/toy-retrained",
+                   help="where the trained model is copied at the end ('': not); a folder that holds a model "
+                        "already (the shipped weights/toy) is replaced only with --force")
+    p.add_argument("--force", action="store_true", help="let --install replace the model in its folder")
+    p.add_argument("--data-size", type=whole(1), default=20000, help="pictures of training identities")
+    p.add_argument("--steps", type=whole(1), default=None, help="every stage this many steps (a smoke test)")
+    p.add_argument("--batch-size", type=whole(1), default=None, help="every stage this batch (a smoke test)")
     args = p.parse_args(argv)
+    if args.install and os.path.isfile(os.path.join(args.install, "model_index.json")) and not args.force:
+        p.error(f"--install {args.install} holds a model already; add --force to replace it, or choose another folder")
     override = (["--steps", str(args.steps)] if args.steps else []) + (
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])
     cores = os.cpu_count() or 1
@@ -255,7 +260,7 @@ def main(argv=None):
     if args.install:
         install(os.path.join(args.out, "subject"), args.install)
     print(f"trained the toy model in {total / 60:.1f} min (per stage: {args.out}/times.json); "
-          + (f"installed in {args.install} (python sample.py uses it by default)" if args.install
+          + (f"installed in {args.install} (python sample.py --weights {args.install})" if args.install
              else f"the model is in {args.out}/subject"))
 
 

@@ -19,7 +19,6 @@ sample (timestep, noise, prompt drop) is seeded by (seed, step, its record's ind
 N processes compute the same update, and a resumed run continues exactly.
 """
 
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cli import Parser, add_threads, check_writable, real, use_threads, whole
 from checkpoint import (CheckpointError, latest_training, load_training, remove_leftovers, save_training,
                         write_text)
 from data import DataError, Records, read_records
@@ -76,11 +76,11 @@ STAGE_DEFAULTS = {"multimodal": (250_000, 2320, 1e-4, 0.05, 5000), "subject": (5
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train BLIP-Diffusion: stage 1, stage 2, or subject fine-tuning.")
+    p = Parser(prog="train.py", description="Train BLIP-Diffusion: stage 1, stage 2, or subject fine-tuning.")
     p.add_argument("--stage", choices=tuple(STAGES), required=True,
                    help="vae, clip, t2i: the toy's stage 0 (what the paper takes from SD and CLIP)")
     p.add_argument("--model", default="published", metavar="{published,tiny,toy,DIR}",
-                   help="published: start from --weights; tiny: a small random model (CPU, seconds); toy: "
+                   help="published (the default): start from --weights; tiny: a small random model (CPU, seconds); toy: "
                         "weights/toy's sizes; DIR: the sizes of its vae/, unet/, text_encoder/, qformer/ config.json "
                         "(toy and DIR: stage 0, and stage 1 from the toy's image tower)")
     p.add_argument("--weights", default=None, help="a BLIP-Diffusion folder in the published layout to start from")
@@ -96,40 +96,49 @@ def main(argv=None):
     p.add_argument("--subject", default=None, help="finetune: an image, or a folder of images, of the subject")
     p.add_argument("--subject-text", default=None, help="finetune: the subject's category word")
     p.add_argument("--out", required=True, help="output folder: the model in the published layout, checkpoints/, log.jsonl")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 250000 / 500000 / 40)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: 2320 / 16 / 3)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each rank")
-    p.add_argument("--lr", type=float, default=None, help="peak lr (default: 1e-4 BLIP-2 / 2e-6 paper / 5e-6 LAVIS)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW decay (default: 0.05 / 0 / 0.01)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: stage 1 5000, else 0)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--caption-drop", type=float, default=None,
+    p.add_argument("--steps", type=whole(1), default=None, help="total optimizer steps (default: 250000 / 500000 / 40)")
+    p.add_argument("--batch-size", type=whole(1), default=None, help="global batch per step (default: 2320 / 16 / 3)")
+    p.add_argument("--grad-accum", type=whole(1), default=1, help="micro-batches per step on each rank")
+    p.add_argument("--lr", type=real(above=0), default=None, help="peak lr (default: 1e-4 BLIP-2 / 2e-6 paper / 5e-6 LAVIS)")
+    p.add_argument("--weight-decay", type=real(low=0), default=None, help="AdamW decay (default: 0.05 / 0 / 0.01)")
+    p.add_argument("--warmup", type=whole(0), default=None, help="linear warm-up steps (default: stage 1 5000, else 0)")
+    p.add_argument("--clip-grad", type=real(low=0), default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--caption-drop", type=real(low=0, high=1), default=None,
                    help="share of steps trained on the empty prompt, for classifier-free guidance "
                         "(default: t2i 0.1 as SD; else 0, the paper's stage 2 has only the subject drop)")
-    p.add_argument("--min-snr", type=float, default=0.0, metavar="GAMMA",
+    p.add_argument("--min-snr", type=real(low=0), default=0.0, metavar="GAMMA",
                    help="t2i, subject, finetune: min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs; 0: off, "
                         "the plain mean as SD and the paper)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
                    help="lr after the warm-up: constant, or cosine down to 10%% at the last step "
                         "(default: cosine for stage 1 as BLIP-2, constant elsewhere as published)")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
+    p.add_argument("--ema", type=real(low=0, below=1), default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trainable module")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=whole(0), default=0,
                    help="data-loader processes per rank reading tar shards (0: read in the training process)")
     p.add_argument("--cache", action="store_true",
                    help="t2i, subject, finetune: keep each picture's frozen-encoder outputs (VAE posterior, image "
                         "tower; t2i: each caption's text encoding too) in memory, so later epochs skip those "
                         "encoders (small datasets: the toy's)")
-    p.add_argument("--image-size", type=int, default=None, help="diffusion target size (default: the model's, 512 for SD-1.5)")
-    p.add_argument("--seed", type=int, default=42, help="LAVIS' seed")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=1000, help="also saved at the last step")
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample image every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--image-size", type=whole(8), default=None, help="diffusion target size (default: the model's, 512 for SD-1.5)")
+    p.add_argument("--seed", type=whole(0), default=42, help="LAVIS' seed")
+    p.add_argument("--log-every", type=whole(1), default=1, help="steps between log lines")
+    p.add_argument("--save-every", type=whole(1), default=1000, help="steps between checkpoints; also saved at the last step")
+    p.add_argument("--sample-every", type=whole(0), default=0, help="write a sample image every N steps (0: only at the end)")
+    p.add_argument("--keep", type=whole(1), default=3, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_threads(p)
     args = p.parse_args(argv)
+    try:  # bad input answered before any work, as the flags' own checks are
+        if args.image_size is not None and args.image_size % 8:
+            raise ValueError(f"--image-size {args.image_size}: give a multiple of 8 (the VAE's factor)")
+        check_writable(args.out, folder=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_threads(args.threads)
     try:
         with every_core_on_sigusr1():
             return train(args)
@@ -190,13 +199,12 @@ class ema_weights:
 
 def train(args):
     default_steps, default_batch, default_lr, default_decay, default_warmup = STAGE_DEFAULTS[args.stage]
-    steps, batch_size, lr = args.steps or default_steps, args.batch_size or default_batch, args.lr or default_lr
+    steps, batch_size, lr = (default if value is None else value for value, default in
+                             ((args.steps, default_steps), (args.batch_size, default_batch), (args.lr, default_lr)))
     decay = default_decay if args.weight_decay is None else args.weight_decay
     warmup = default_warmup if args.warmup is None else args.warmup
     if args.stage == "finetune" and (not args.subject or not args.subject_text):
         raise TrainError("--stage finetune needs --subject FOLDER and --subject-text WORD")
-    if args.workers < 0:
-        raise TrainError(f"--workers {args.workers}: give 0 (read in the training process) or more")
     paths, records = None, None  # tar shards (streamed), or the records of a manifest
     if args.data and args.data != "toy" and is_shards(args.data):
         if args.stage not in ("multimodal", "t2i", "subject"):

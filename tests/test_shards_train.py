@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import train
 from shards import ShardStream, shard_paths
 from test_shards import toy_shards
@@ -60,8 +62,9 @@ def test_an_unreadable_sample_is_replaced_and_counted_and_no_match_is_one_line(t
     assert train.main(args + ["--data", str(tmp_path / "none-{0..3}.tar"), "--out", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no shard matches" in err
-    assert train.main(args + ["--data", str(folder), "--workers", "-1", "--out", str(tmp_path / "x")]) != 0
-    assert "--workers -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--data", str(folder), "--workers", "-1", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "argument --workers: -1: give 0 or more" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 
