@@ -246,20 +246,27 @@ def save_training(out, step, trainable, optimizer, schedule, ema, fingerprint, k
         shutil.rmtree(gone, ignore_errors=True)
 
 
-# The hidden names write_folder_atomically (.NAME.tmp-*, .NAME.old-*) and write_atomically (.NAME.XXXXXXXX.EXT,
-# mkstemp's 8 random characters) give what they have not finished.
-LEFTOVER = re.compile(r"\..+\.(tmp-|old-)\w+|\..+\.[a-z0-9_]{8}(\.\w+)?")
+def leftover_of(name):
+    """What an unfinished atomic write was making, for the hidden name it left (None for any other
+    name): write_folder_atomically's .NAME.tmp-XXXXXXXX and .NAME.old-XXXXXXXX (mkdtemp's 8
+    characters), a checkpoint being pruned, .NAME.old-pruned, and write_atomically's .NAME.XXXXXXXX.EXT
+    (mkstemp's, EXT being NAME's own extension)."""
+    m = re.fullmatch(r"\.(.+)\.(?:(?:tmp-|old-)[a-z0-9_]{8}|old-pruned)", name)
+    if m:
+        return m.group(1)
+    m = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}(\.[^.]+)", name)
+    return m.group(1) if m and os.path.splitext(m.group(1))[1] == m.group(2) else None
 
 
 def remove_leftovers(out):
     """Remove what an interrupted run left half-written beside the run folder `out` (its own temporary
-    folders only), inside it, among its checkpoints and samples. -> the number removed."""
+    folders, .OUT.tmp-*), inside it, among its checkpoints and samples. -> the number removed."""
     out = os.path.abspath(out)
     parent, name = os.path.split(out)
-    found = [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(f".{name}.") and LEFTOVER.fullmatch(n)]
+    found = [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(".") and leftover_of(n) == name]
     for folder in (out, os.path.join(out, "checkpoints"), os.path.join(out, "samples")):
         if os.path.isdir(folder):
-            found += [os.path.join(folder, n) for n in os.listdir(folder) if LEFTOVER.fullmatch(n)]
+            found += [os.path.join(folder, n) for n in os.listdir(folder) if leftover_of(n)]
     for path in found:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)

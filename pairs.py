@@ -47,6 +47,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ from tqdm import tqdm
 
 import matting
 from checkpoint import write_text
-from cli import Parser, add_threads, use_threads
+from cli import Parser, add_threads, real, use_threads, whole
 from clipseg import CLIPSeg
 from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image, read_manifest
 from shards import ShardWriter, remove_leftovers
@@ -228,7 +229,8 @@ _worker = {}
 
 def init_worker(make_segmenter, settings, out, shards, threads=None):
     _worker.update(make_segmenter=make_segmenter, segmenter=None, settings=settings, out=out, shards=shards)
-    if threads:
+    if threads:  # a pool's process: Ctrl-C is the parent's to answer
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(threads)
 
 
@@ -323,10 +325,10 @@ def build_shards(items, backgrounds, out, make_segmenter, settings=None, workers
     (a shard is written whole or not at all). Returns {"records", "skipped", "shards"} new."""
     settings = settings or Settings()
     os.makedirs(out, exist_ok=True)
-    remove_leftovers(out)
     first, parts = part
     mine = [k for k in range(first, math.ceil(len(items) / shard_size), parts)
             if not os.path.exists(os.path.join(out, f"{k:05d}.tar"))]
+    remove_leftovers(out, {f"{k:05d}.tar" for k in mine})
     spans = {k: range(k * shard_size, min((k + 1) * shard_size, len(items))) for k in mine}
     tasks = [make_task(i, items[i], backgrounds, seed) for k in mine for i in spans[k]]
     counts = {"records": 0, "skipped": 0, "shards": 0}
@@ -373,23 +375,23 @@ def main():
     parser.add_argument("--from-masks", action="store_true",
                         help="instead of CLIPSeg, degrade each record's true \"mask\" as CLIPSeg would (the toy world)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--size", type=int, default=defaults.size,
+    parser.add_argument("--size", type=whole(1), default=defaults.size,
                         help="side of the square crops (default %(default)s, SD-1.5's)")
-    parser.add_argument("--high", type=float, default=defaults.high,
+    parser.add_argument("--high", type=real(low=0, high=1), default=defaults.high,
                         help="CLIPSeg probability fixed as subject (default %(default)s)")
-    parser.add_argument("--low", type=float, default=defaults.low,
+    parser.add_argument("--low", type=real(low=0, high=1), default=defaults.low,
                         help="below it, fixed as background (default %(default)s)")
-    parser.add_argument("--band", type=int, default=defaults.band,
+    parser.add_argument("--band", type=whole(0), default=defaults.band,
                         help="px around the subject's edge left to the matting (default %(default)s)")
-    parser.add_argument("--max-unknown", type=float, default=defaults.max_unknown,
+    parser.add_argument("--max-unknown", type=real(low=0, high=1), default=defaults.max_unknown,
                         help="skip an image whose unknown region is a larger fraction (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own CLIPSeg")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--workers", type=whole(1), default=1, help="processes, each with its own CLIPSeg")
+    parser.add_argument("--seed", type=whole(0), default=0,
                         help="seeds the background drawn for each image (default %(default)s)")
     parser.add_argument("--shards", action="store_true",
                         help="write tar shards OUT/00000.tar, ... (KEY.input.jpg, KEY.target.jpg, KEY.json) instead "
                              "of records.jsonl and PNG folders: LAION-scale data, streamed by train.py")
-    parser.add_argument("--shard-size", type=int, default=10000,
+    parser.add_argument("--shard-size", type=whole(1), default=10000,
                         help="pairs per shard, with --shards (default %(default)s, img2dataset's)")
     parser.add_argument("--part", default="0/1", metavar="I/N",
                         help="with --shards: make only shards I, I+N, I+2N, ... (machine I of N, from 0; default "
@@ -401,10 +403,6 @@ def main():
     try:
         if not 0 <= args.low <= args.high <= 1:
             raise ValueError(f"need 0 <= --low <= --high <= 1, got --low {args.low} --high {args.high}")
-        if args.workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {args.workers}")
-        if args.shard_size < 1:
-            raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
         part = parse_part(args.part)
         if part != (0, 1) and not args.shards:
             raise ValueError(f"--part {args.part} splits the work by shards: add --shards")
@@ -430,6 +428,8 @@ def main():
             counts = build(items, backgrounds, args.out, make_segmenter, settings, args.workers, args.seed)
     except ValueError as e:  # CheckpointError (a bad --clipseg folder) is one too
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: what is written in {args.out} is whole; run the same command again to go on")
     if args.shards:
         total = sum(name.endswith(".tar") for name in os.listdir(args.out))
         print(f"wrote {counts['records']} pairs into {counts['shards']} new shards in {args.out} ({total} of "

@@ -63,10 +63,15 @@ def check_output(path):
 
 
 def check_weights(folder):
-    """A training run's folder without its exported model (a run stopped before its end) is said as
-    such, with the way to finish it; what else can be wrong with a weights folder, the loader says."""
+    """A training run's folder without a whole model is said as such: a stage that makes parts (0, 1),
+    or a run stopped before its export, with the way to finish it; what else can be wrong with a
+    weights folder, the loader says."""
     if os.path.isfile(os.path.join(folder, "model_index.json")) or not os.path.isdir(os.path.join(folder, "checkpoints")):
         return
+    parts = [p for p in ("qformer", "unet", "vae", "text_encoder") if os.path.isdir(os.path.join(folder, p))]
+    if parts:
+        raise InputError(f"--weights {folder}: the output of a training stage that makes parts of the model "
+                         f"({', '.join(parts)}), not a whole one; train.py --stage subject makes one from them")
     steps = sorted(n for n in os.listdir(os.path.join(folder, "checkpoints")) if n.startswith("step-"))
     raise InputError(f"--weights {folder}: a training run without an exported model"
                      + (f" (checkpoints up to {steps[-1]})" if steps else "") + "; finish it with the command that "

@@ -140,19 +140,22 @@ class ShardWriter:
             self.tar.addfile(info, io.BytesIO(data))
 
     def __exit__(self, kind, *_):
-        self.tar.close()
-        self.file.close()
-        if kind is None:
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+        try:
+            self.tar.close()
+            self.file.close()
+            if kind is None:
+                os.chmod(self.tmp, 0o644)
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
 
 
-def remove_leftovers(folder):
-    """Remove the temporary shards an interrupted writer left in `folder`."""
+def remove_leftovers(folder, shards):
+    """Remove what an interrupted ShardWriter left in `folder` of the shards named `shards` (only
+    those: another machine may be writing others there)."""
     for name in os.listdir(folder):
-        if name.startswith(".") and ".tar.tmp-" in name:
+        if name.startswith(".") and name.partition(".tmp-")[0][1:] in shards:
             os.remove(os.path.join(folder, name))
 
 

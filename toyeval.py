@@ -35,6 +35,7 @@ from tqdm import tqdm
 import train
 from blipdiff import DTYPES, BlipDiffusion, keep_freed_memory, preprocess_subject
 from checkpoint import CheckpointError, write_atomically
+from cli import whole
 from oracle import eval_oracle, load_oracle, train_oracle
 from toyworld import CONTEXTS, WorldConfig, batch, identities, render, show, write_data, write_examples
 
@@ -292,7 +293,7 @@ def main():
                    help="also stage 2's pairs made with the true masks (inputs/, subject.jsonl), as examples/toy-data has")
     p.add_argument("--shards", action="store_true",
                    help="also as tar shards for train.py: shards/ (stages 0, 1) and with --inputs subject-shards/")
-    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--shard-size", type=whole(1), default=10000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="fixes every picture")
     p = sub.add_parser("examples", help="write the README's held-out subject pictures")
     p.add_argument("--out", default="examples", help="folder to write them in")

@@ -272,7 +272,7 @@ def train(args):
         data, examples = Records(records, stage.pictures, batch_size, owned, args.seed), records
     else:
         data = ShardStream(paths, batch_size, owned, args.seed, start, args.workers, stage.pictures, stage.fields)
-        examples = [first_sample(paths, stage.pictures, stage.fields)] if master and stage.model else None
+        examples = None if stage.model is None else [first_sample(paths, stage.pictures, stage.fields)]
 
     skipped, read = 0, 0
     for step in range(start, steps):
@@ -318,7 +318,7 @@ def train(args):
             optimizer.consolidate_state_dict(to=0)
         if master and saving:
             save_training(args.out, done, stage, optimizer, schedule, ema, fingerprint, args.keep)
-        if master and args.sample_every and done % args.sample_every == 0 and done < steps:
+        if master and stage.model is not None and args.sample_every and done % args.sample_every == 0 and done < steps:
             with ema_weights(stage, ema):
                 stage.export(args.out)
                 stage.sample(args.out, done, examples)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -75,6 +76,9 @@ def test_sample_answers_bad_input_in_one_line(tmp_path, capsys):
     line = one_line(err)
     assert code == 2 and "training run without an exported model" in line and "--resume" in line
     assert "step-0000004" in line
+    os.makedirs(run / "qformer")  # a finished stage-1 run: parts of a model, never a whole one
+    code, err = run_sample(capsys, "--weights", str(run), "--out", out)
+    assert code == 2 and "makes parts of the model (qformer)" in one_line(err)
     assert not os.path.exists(out)
 
 
@@ -82,9 +86,13 @@ def test_sample_interrupted_writes_nothing_and_says_so_in_one_line(tmp_path):
     out = tmp_path / "out.png"
     proc = subprocess.Popen([sys.executable, "sample.py", "--subject", BALL, "--subject-text", "ball", "--prompt", "x",
                              "--steps", "2000", "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    seen = ""
+    seen, deadline = "", time.time() + 120
     while "denoising:" not in seen:  # the progress bar: the model is loaded and generating
-        seen += proc.stderr.read(1)
+        char = proc.stderr.read(1)
+        if not char or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"sample.py ended or hung before generating: {seen[-2000:]}")
+        seen += char
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130

@@ -201,13 +201,16 @@ def test_shards_hold_the_pairs_however_the_work_is_split_and_resume(data):
     assert sorted(os.listdir(split)) == sorted(os.listdir(out))
     assert all((split / f).read_bytes() == (out / f).read_bytes() for f in os.listdir(out))
 
-    # Resumed: the missing shard is made again, a half-written one is removed, the others are kept.
+    # Resumed: the missing shard is made again and its half-written copy removed; the others are kept,
+    # and so is a shard another machine is writing into the same folder.
     stamps = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
     before = (out / "00002.tar").read_bytes()
     os.remove(out / "00002.tar")
-    (out / ".00001.tar.tmp-abc").write_bytes(b"half a shard")
+    (out / ".00002.tar.tmp-abc").write_bytes(b"half a shard")
+    (out / ".00007.tar.tmp-xyz").write_bytes(b"another machine's")
     assert run_shards(data, out) == {"records": 1, "skipped": 1, "shards": 1}
-    assert sorted(os.listdir(out)) == sorted(stamps) and (out / "00002.tar").read_bytes() == before
+    assert sorted(os.listdir(out)) == sorted([*stamps, ".00007.tar.tmp-xyz"])
+    assert (out / "00002.tar").read_bytes() == before
     assert all(os.stat(out / f).st_mtime_ns == stamps[f] for f in stamps if not f.startswith("00002"))
 
 
@@ -215,11 +218,13 @@ def test_shards_command_line_and_its_errors(data, monkeypatch, capsys):
     argv = ["pairs.py", "--data", str(data / "data.jsonl"), "--backgrounds", str(data / "bg"), "--from-masks",
             "--out", str(data / "out")]
     for extra, message in ((["--part", "2/2", "--shards"], "0 <= I < N"), (["--part", "0/2"], "add --shards"),
-                           (["--shards", "--shard-size", "0"], "--shard-size")):
+                           (["--shards", "--shard-size", "0"], "--shard-size: 0: give 1 or more"),
+                           (["--size", "0"], "--size: 0: give 1 or more"), (["--band", "-2"], "--band: -2")):
         monkeypatch.setattr(sys, "argv", argv + extra)
         with pytest.raises(SystemExit) as e:
             pairs.main()
-        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+        said = str(e.value) if e.value.code != 2 else capsys.readouterr().err.strip()  # the flag's own check: exit 2
+        assert said.startswith("error: ") and message in said and "\n" not in said
         assert not (data / "out").exists()
 
 

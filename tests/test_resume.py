@@ -27,8 +27,8 @@ def args(data, out, steps=6):
 
 def killed_and_resumed(launch, out, kill_after, seed):
     """Start `launch` (a command line; a process of its own, as the killed one, so the same threads compute
-    alike), SIGKILL its whole process group a random moment (0-0.2 s) after it
-    prints step k, for each k of `kill_after`; restart it each time, with --resume once there is a
+    alike), SIGKILL its whole process group a random moment (0-50 ms, a step or so) after it prints
+    step k, for each k of `kill_after`; restart it each time, with --resume once there is a
     checkpoint (as a person would); then let it finish. -> the last run's output."""
     rng = random.Random(seed)
     for k in [*kill_after, None]:
@@ -39,7 +39,7 @@ def killed_and_resumed(launch, out, kill_after, seed):
         for line in proc.stdout:
             lines.append(line)
             if k is not None and line.startswith(f"step {k}/"):
-                time.sleep(rng.uniform(0, 0.2))
+                time.sleep(rng.uniform(0, 0.05))
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
         proc.stdout.close()
@@ -89,13 +89,15 @@ def test_killed_while_exporting_resume_exports_and_cleans_up(tmp_path, capsys):
     for folder in half:
         os.makedirs(folder / "qformer")
     (tmp_path / "run" / ".log.jsonl.a1b2c3d4.jsonl").write_text("{}")
-    (tmp_path / "run" / "notes.txt").write_text("mine")  # a user's file stays
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # a user's file stays, and so does another
+    os.makedirs(tmp_path / ".run.b.tmp-abcd1234")  # run's export in progress beside it (--out run.b)
     capsys.readouterr()
     assert train.main(args(data, out, steps=2) + ["--resume"]) == 0
     printed = capsys.readouterr().out
     assert "removed what an interrupted run left half-written" in printed and "the model is in" in printed
     assert open(os.path.join(out, "qformer", "model.safetensors"), "rb").read() == model
     assert not any(os.path.exists(p) for p in half) and (tmp_path / "run" / "notes.txt").exists()
+    assert (tmp_path / ".run.b.tmp-abcd1234").exists()
     assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".tiny"]
     assert [row["step"] for row in map(json.loads, open(os.path.join(out, "log.jsonl")))] == [1, 2]
     assert train.main(args(data, out, steps=1) + ["--resume"]) == 1  # fewer steps than done: said, not run
