@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from checkpoint import write_folder_atomically, write_json
+from checkpoint import latest_training, write_folder_atomically, write_json
 from cli import Parser, whole
 from clip import CLIPTextConfig, VisionConfig
 from qformer import Blip2Config, QFormerConfig
@@ -195,6 +195,8 @@ class Phase:
                 if command is None:
                     gather_base(self.out)
                 else:
+                    if command[0] == "train.py" and latest_training(command[command.index("--out") + 1]):
+                        command = [*command, "--resume"]  # an interrupted stage goes on from its checkpoint
                     print(f"[{name}] python {' '.join(command)}", flush=True)
                     with self.lock:  # started and known together, so a lane ending now cannot miss it
                         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, self.cores // self.left)))
@@ -232,7 +234,7 @@ def install(model, folder):
 
 def main(argv=None):
     p = Parser(prog="toymodel.py", description="Train the toy BLIP-Diffusion from nothing: the toy world's data, "
-                           "stage 0 (VAE, CLIP pair, text-to-image UNet), stage 1, pairs, stage 2.")
+                                               "stage 0 (VAE, CLIP pair, text-to-image UNet), stage 1, pairs, stage 2.")
     p.add_argument("--out", default="runs/toy", help="working folder: one sub-folder per stage; rerun to resume")
     p.add_argument("--install", default="weights/toy-retrained",
                    help="where the trained model is copied at the end ('': not); a folder that holds a model "

@@ -44,7 +44,7 @@ def test_learnt_tokenizer_is_clip_format_and_equals_the_reference(tmp_path):
     assert len(ours.encode("zebra")) > 1
 
 
-def test_every_stage_runs_and_the_model_generates(tmp_path):
+def test_every_stage_runs_and_the_model_generates(tmp_path, capfd):
     out, installed = tmp_path / "run", tmp_path / "installed"
     before = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
     toymodel.main(["--out", str(out), "--install", str(installed), "--data-size", "8", "--steps", "2",
@@ -75,6 +75,13 @@ def test_every_stage_runs_and_the_model_generates(tmp_path):
     mtime = os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors")
     toymodel.main(["--out", str(out), "--install", "", "--data-size", "8", "--steps", "2", "--batch-size", "4"])
     assert os.path.getmtime(out / "subject" / "unet" / "diffusion_pytorch_model.safetensors") == mtime
+    # A stage stopped before its end goes on from its checkpoint (here: at its last step, so it only exports).
+    os.remove(out / "subject" / "model_index.json")
+    capfd.readouterr()
+    toymodel.main(["--out", str(out), "--install", "", "--data-size", "8", "--steps", "2", "--batch-size", "4"])
+    printed = capfd.readouterr().out
+    assert "--resume" in printed and "resumed from" in printed and (out / "subject" / "model_index.json").exists()
+    assert [json.loads(line)["step"] for line in open(out / "subject" / "log.jsonl")] == [2]
 
     # The text-to-image stage with --cache: from the third step every latent and caption encoding
     # comes from memory (8 pictures, batches of 4), and the losses are those of encoding them anew.
