@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 import matting
 from checkpoint import write_text
-from cli import Parser, add_threads, real, use_threads, whole
+from cli import Parser, add_threads, check_writable, real, use_threads, whole
 from clipseg import CLIPSeg
 from data import IMAGE_EXTENSIONS, ImageError, center_crop, image_files, read_image, read_manifest
 from shards import ShardWriter, remove_leftovers
@@ -404,6 +404,7 @@ def main():
         if not 0 <= args.low <= args.high <= 1:
             raise ValueError(f"need 0 <= --low <= --high <= 1, got --low {args.low} --high {args.high}")
         part = parse_part(args.part)
+        check_writable(args.out, folder=True)
         if part != (0, 1) and not args.shards:
             raise ValueError(f"--part {args.part} splits the work by shards: add --shards")
         items = read_data(args.data, args.subject)

@@ -219,7 +219,8 @@ def test_shards_command_line_and_its_errors(data, monkeypatch, capsys):
             "--out", str(data / "out")]
     for extra, message in ((["--part", "2/2", "--shards"], "0 <= I < N"), (["--part", "0/2"], "add --shards"),
                            (["--shards", "--shard-size", "0"], "--shard-size: 0: give 1 or more"),
-                           (["--size", "0"], "--size: 0: give 1 or more"), (["--band", "-2"], "--band: -2")):
+                           (["--size", "0"], "--size: 0: give 1 or more"), (["--band", "-2"], "--band: -2"),
+                           (["--out", str(data / "data.jsonl")], "is a file")):
         monkeypatch.setattr(sys, "argv", argv + extra)
         with pytest.raises(SystemExit) as e:
             pairs.main()
