@@ -18,7 +18,7 @@ from PIL import Image
 
 from checkpoint import config_from_dict, load_strict, read_folder
 from clip import (CLIPTextConfig, CLIPTokenizer, Encoder, EncoderLayer, MLP, TextAttention, TextTransformer,
-                  check_activation)
+                  check_activation, eos_positions)
 
 # CLIPSeg's input (CIDAS/clipseg-rd64-refined preprocessor_config.json): a direct 352 x 352 resize, aspect
 # not kept, bilinear, then ImageNet's mean/std, not CLIP's (the published processor switched to these in
@@ -155,10 +155,7 @@ class CLIPSegBackbone(nn.Module):
     def text_features(self, input_ids):
         """Prompt ids (B, L) -> CLIP's text embedding (B, projection_dim), unnormalised, as CLIPSeg conditions on."""
         x = self.text_model(input_ids)
-        if self.eos_token_id == 2:  # the published config: transformers' legacy pooling at the highest id
-            eos = input_ids.argmax(dim=-1)
-        else:  # newer configs: the first eos id (the pad id may equal it)
-            eos = (input_ids == self.eos_token_id).int().argmax(dim=-1)
+        eos = eos_positions(input_ids, self.eos_token_id)
         return self.text_projection(x[torch.arange(len(x), device=x.device), eos])
 
 
