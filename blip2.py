@@ -21,6 +21,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -68,13 +69,64 @@ class LMPredictionHead(nn.Module):
 
 
 @torch.no_grad()
-def hard_negatives(sim, generator=None):
-    """For row i of a (B, B) similarity, a column j != i drawn with probability ~ softmax(row) + 1e-4
-    (LAVIS' floor, so any other pair can be drawn). Drawn on the CPU: a CPU generator then gives the
-    same negatives whatever the device."""
+def hard_negatives(sim, own, generator=None):
+    """For row i of a (B, G) similarity, a column j != own[i] drawn with probability ~ softmax(row) + 1e-4
+    (LAVIS' floor, so any other pair can be drawn). `generator`: one CPU generator for all rows, or a
+    list of one per row (then a row's draw depends on that row alone, as on any number of processes).
+    Drawn on the CPU, so a CPU generator gives the same negatives whatever the device."""
     weights = F.softmax(sim.float(), dim=1).cpu() + 1e-4
-    weights.fill_diagonal_(0)
-    return torch.multinomial(weights, 1, generator=generator)[:, 0].to(sim.device)
+    weights[torch.arange(len(weights)), own.cpu()] = 0
+    if isinstance(generator, (list, tuple)):
+        drawn = torch.cat([torch.multinomial(w, 1, generator=g) for w, g in zip(weights, generator)])
+    else:
+        drawn = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    return drawn.to(sim.device)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward gives each process the gradient of its own rows, summed over the
+    processes whose losses used them (LAVIS' `all_gather_with_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = len(grad) // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(x):
+    """The rows of `x` from every process of the run, in rank order (`x` itself in a single process),
+    with the gradient flowing back to each process's own rows."""
+    return GatherWithGrad.apply(x) if distributed() else x
+
+
+def mean_count(flags):
+    """The number of true `flags` on each process, averaged over the processes."""
+    n = flags.sum().float()
+    if distributed():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return n
+
+
+def longest(n):
+    """The largest `n` of all processes (each pads its captions to its own longest)."""
+    if not distributed():
+        return n
+    n = torch.tensor(n)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n)
 
 
 def multimodal_causal_mask(attention_mask, num_queries):
@@ -115,40 +167,54 @@ class Blip2Pretraining(nn.Module):
             x = vit.encoder(vit.pre_layernorm(vit.embeddings(pixel_values)))
         return vit.post_layernorm(x)
 
-    def forward(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, generator=None):
-        """One batch of B >= 2 matching pairs -> dict(loss, itc, itm, itg); loss is their sum, as LAVIS.
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, generator=None,
+                positions=None):
+        """One batch of B matching pairs -> dict(loss, itc, itm, itg); loss is their sum, as LAVIS.
 
         Give pixel_values (the ViT runs without grad, `ln_vision` trains) or image_embeds (B, N, 1024),
         precomputed features after `post_layernorm`, which then trains nothing in the image tower.
         input_ids (B, T) from `QFormerTokenizer` ([CLS] first); attention_mask (B, T).
-        `generator` (a CPU torch.Generator) draws the ITM hard negatives, reproducibly on any device.
-        Differs from LAVIS: contrast and negatives come from this process's batch only; LAVIS gathers
-        features and images from all GPUs (all_gather) before both.
+        `generator` (a CPU torch.Generator, or a list of one per pair) draws the ITM hard negatives,
+        reproducibly on any device.
+
+        Under torch.distributed, as LAVIS, ITC contrasts each pair with the pairs of every process and
+        ITM draws its negatives from all of them (`gather`, gradients flowing back). `positions` (B,)
+        are the pairs' places in the global batch (default 0..B-1): the gathered pairs are put in that
+        order, so with one generator per pair, N processes compute what one process computes on the
+        whole batch.
         """
         if image_embeds is None:
             image_embeds = self.image_features(pixel_values)
         B, T = input_ids.shape
-        if B < 2:
+        Q = self.qformer.config.num_query_tokens
+        positions = torch.arange(B, device=input_ids.device) if positions is None else positions.to(input_ids.device)
+        everyone = gather(positions)
+        order = everyone.argsort()
+        own = torch.searchsorted(everyone[order], positions)  # each pair's column among all of them
+        if len(everyone) < 2:
             raise ValueError("BLIP-2 pre-training needs at least 2 pairs per batch: ITC and ITM take "
                              "their negatives from the other pairs of the batch")
-        Q = self.qformer.config.num_query_tokens
 
         # ITC: queries alone (with the image) vs text alone ([CLS] output); the similarity of a pair is
         # the best of its Q query-text similarities.
         image_feats = F.normalize(self.vision_proj(self.qformer.encode(image_embeds)), dim=-1)  # (B, Q, E)
         text = self.qformer.encode(None, input_ids, attention_mask, use_queries=False)
         text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # (B, E)
-        sim = torch.einsum("iqe,te->itq", image_feats, text_feat).amax(-1) / self.temp  # (B images, B texts)
-        targets = torch.arange(B, device=sim.device)
-        itc = (F.cross_entropy(sim, targets, label_smoothing=LABEL_SMOOTHING)
-               + F.cross_entropy(sim.T, targets, label_smoothing=LABEL_SMOOTHING)) / 2
+        all_image_feats, all_text_feat = gather(image_feats)[order], gather(text_feat)[order]  # (G, Q, E), (G, E)
+        sim_i2t = torch.einsum("iqe,te->itq", image_feats, all_text_feat).amax(-1) / self.temp  # (B, G)
+        sim_t2i = torch.einsum("iqe,te->tiq", all_image_feats, text_feat).amax(-1) / self.temp  # (B, G)
+        itc = (F.cross_entropy(sim_i2t, own, label_smoothing=LABEL_SMOOTHING)
+               + F.cross_entropy(sim_t2i, own, label_smoothing=LABEL_SMOOTHING)) / 2
 
         # ITM: for each image a hard negative text and for each text a hard negative image, drawn in
         # proportion to their ITC similarity (never the true partner); queries and text see each other.
-        neg_text, neg_image = hard_negatives(sim, generator), hard_negatives(sim.T, generator)
-        ids = torch.cat([input_ids, input_ids, input_ids[neg_text]])                 # pos, pos, neg
-        mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])    # pos, neg, pos
+        neg_text, neg_image = hard_negatives(sim_i2t, own, generator), hard_negatives(sim_t2i, own, generator)
+        pad = longest(T) - T  # to the longest caption of any process ([PAD] = 0, masked: the same results)
+        itm_ids, itm_mask = F.pad(input_ids, (0, pad)), F.pad(attention_mask, (0, pad))
+        all_ids, all_mask, all_images = (gather(x)[order] for x in (itm_ids, itm_mask, image_embeds))
+        ids = torch.cat([itm_ids, itm_ids, all_ids[neg_text]])                       # pos, pos, neg
+        mask = torch.cat([itm_mask, itm_mask, all_mask[neg_text]])
+        images = torch.cat([image_embeds, all_images[neg_image], image_embeds])      # pos, neg, pos
         logits = self.itm_head(self.qformer.encode(images, ids, mask)[:, :Q]).mean(1)  # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
         itm = F.cross_entropy(logits, labels)
@@ -162,9 +228,10 @@ class Blip2Pretraining(nn.Module):
         hidden = self.qformer.encode(image_embeds, dec_ids, multimodal_causal_mask(attention_mask, Q))[:, Q:]
         logits = self.cls.predictions(hidden, self.qformer.embeddings.word_embeddings.weight)
         targets = dec_ids.masked_fill(attention_mask == 0, -100)
-        # Position t predicts token t + 1.
-        itg = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(),
-                              ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
+        # Position t predicts token t + 1. The mean over the caption tokens of all processes: each
+        # process divides its sum by their count over the processes' number (DDP averages).
+        itg = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100,
+                              label_smoothing=LABEL_SMOOTHING, reduction="sum") / mean_count(targets[:, 1:] != -100)
         return dict(loss=itc + itm + itg, itc=itc, itm=itm, itg=itg)
 
 

@@ -26,7 +26,6 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -140,9 +139,9 @@ class Stage(nn.Module):
     """What one --stage trains: this module (what DDP wraps, what a checkpoint holds). `frozen`: the
     modules it runs in eval mode under no_grad; `configs`: what a checkpoint must match to resume;
     `pictures`: the keys of a record's pictures; `fields`: the text a record must have; `size`: the diffusion target's side; `model`: the
-    BlipDiffusion it trains (None: nothing to sample). batch(step, indices, items) turns this rank's
-    share of a step, items (record index, record, pictures), into forward's arguments; export(out)
-    writes the trained parts."""
+    BlipDiffusion it trains (None: nothing to sample). batch(step, indices, items, positions) turns
+    this rank's share of a step, items (record index, record, pictures) at `positions` of the global
+    batch, into forward's arguments; export(out) writes the trained parts."""
     pictures, fields, model, size = ("image",), ("caption",), None, None
 
     def __init__(self, args, device):
@@ -216,18 +215,18 @@ class MultimodalStage(Stage):
         self.frozen = [m for m in vit.children() if m is not vit.post_layernorm] + [pre.qformer.proj_layer]
         self.tokenizer, self.configs = QFormerTokenizer.from_file(self.vocab), {"qformer": asdict(pre.qformer.config)}
 
-    def forward(self, pixel_values, ids, mask, generator):
-        return self.pretraining(ids, mask, pixel_values=pixel_values, generator=generator)["loss"]
+    def forward(self, pixel_values, ids, mask, generators, positions):
+        return self.pretraining(ids, mask, pixel_values=pixel_values, generator=generators, positions=positions)["loss"]
 
-    def batch(self, step, indices, items):
+    def batch(self, step, indices, items, positions):
         size = self.pretraining.qformer.config.vision_config.image_size
         pixels = preprocess_subject([pics[0] for _, _, pics in items], (size, size))
         ids, mask = self.tokenizer([rec["caption"] for _, rec, _ in items])
-        # ITM's hard negatives come from this rank's batch: one generator per (step, rank).
-        rank = int(os.environ.get("RANK", 0))
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, rank]).generate_state(1)[0]))
+        # ITC and ITM take the pairs of every process (blip2.gather); each pair draws its ITM negatives
+        # from a generator of its own, so 1 and N processes draw the same.
+        gens = [sample_generator(self.seed, step, i) for i in indices]
         return (pixels.to(self.device), ids[:, :MAX_CAPTION_TOKENS].to(self.device),
-                mask[:, :MAX_CAPTION_TOKENS].to(self.device), gen)
+                mask[:, :MAX_CAPTION_TOKENS].to(self.device), gens, torch.tensor(positions, device=self.device))
 
     def export(self, out):
         """The Q-Former in the published `qformer/` layout and its vocab.txt (stage 2's start), and the
@@ -299,7 +298,7 @@ class SubjectStage(PipelineStage):
             text = text.index_put((drop,), self.text_encoder(ids_plain[drop]))
         return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
-    def batch(self, step, indices, items):
+    def batch(self, step, indices, items, positions):
         model = self.model
         gens, *diffusion = self.noised(model.vae, step, indices, items, picture=1)  # the target
 
@@ -348,7 +347,7 @@ class FinetuneStage(PipelineStage):
         text = self.text_encoder(ids, ctx_embeddings=self.ctx_embeddings.expand(ids.shape[0], -1, -1))
         return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
-    def batch(self, step, indices, items):
+    def batch(self, step, indices, items, positions):
         return (self.caption_ids.expand(len(items), -1), *self.noised(self.model.vae, step, indices, items, 0)[1:])
 
     def export(self, out):
@@ -384,7 +383,7 @@ class VAEStage(Stage):
     def forward(self, images, noise):
         return autoencoder_loss(self.vae, images, noise)
 
-    def batch(self, step, indices, items):
+    def batch(self, step, indices, items, positions):
         gens = [sample_generator(self.seed, step, i) for i in indices]
         images = torch.stack([to_target(pics[0], self.size) for _, _, pics in items]).to(self.device)
         # Random crops of half the side, as LDM trains its autoencoder on crops: the network is
@@ -430,7 +429,7 @@ class CLIPStage(Stage):
         text = self.text(ids)[torch.arange(len(ids), device=ids.device), eos]
         return contrastive_loss(self.visual_projection(image), self.text_projection(text), self.logit_scale)
 
-    def batch(self, step, indices, items):
+    def batch(self, step, indices, items, positions):
         pixels = preprocess_subject([pics[0] for _, _, pics in items], (self.vision.config.image_size,) * 2)
         ids = self.tokenizer([rec["caption"] for _, rec, _ in items], self.text.config.max_position_embeddings)
         # The mask is causal, so what the EOS position sees ends there: the padding after the
@@ -467,7 +466,7 @@ class T2IStage(Stage):
     def forward(self, text, noisy, t, noise, weight=None):
         return epsilon_loss(self.unet(noisy, t, text), noise, weight)
 
-    def batch(self, step, indices, items):
+    def batch(self, step, indices, items, positions):
         gens, *diffusion = self.noised(self.vae, step, indices, items, picture=0)
         captions = ["" if float(torch.rand(1, generator=g)) < self.caption_drop else rec["caption"]
                     for g, (_, rec, _) in zip(gens, items)]

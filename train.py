@@ -284,7 +284,8 @@ def train(args):
             chunk, items = zip(*share[a * micro:(a + 1) * micro])
             sync = a == args.grad_accum - 1 or not ddp
             with (nullcontext() if sync else net.no_sync()), stage.autocast:
-                loss = net(*stage.batch(step, list(chunk), list(items))) / args.grad_accum
+                inputs = stage.batch(step, list(chunk), list(items), list(owned[a * micro:(a + 1) * micro]))
+                loss = net(*inputs) / args.grad_accum
             loss.backward()
             total += loss.item()
         skipped, read = data.skipped, data.read  # this process's, so far

@@ -266,3 +266,59 @@ def test_a_few_adam_steps_reduce_every_loss(model):
     # In so few steps ITM only learns its 1 : 2 label prior (loss ln 3 - 2/3 ln 2 = 0.64); telling
     # pairs apart takes ~70 more steps here, too slow for this test.
     assert last["itm"] < 0.9 * first["itm"], (first, last)
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+SPLIT = '''
+import os, sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch.distributed as dist
+from blip2 import Blip2Pretraining
+from test_blip2 import image_batch, text_batch, tiny_config
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = Blip2Pretraining(tiny_config(dropout=0.0))
+ids, mask = text_batch(8, 9)
+mask[::3, 5:] = 0  # captions of different lengths on each process
+ids = ids.masked_fill(mask == 0, 0)
+embeds = image_batch(8)
+rows = list(range(8))
+if "RANK" in os.environ:  # the rows of a torchrun process: rank, rank + world, ... as train.py deals them
+    dist.init_process_group("gloo")
+    rows = rows[dist.get_rank()::dist.get_world_size()]
+out = model(ids[rows], mask[rows], image_embeds=embeds[rows], positions=torch.tensor(rows),
+            generator=[torch.Generator().manual_seed(100 + i) for i in rows])
+out["loss"].backward()
+grads = {{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+losses = torch.stack([out[k].detach() for k in ("itc", "itm", "itg")])
+if "RANK" in os.environ:  # what DDP does: the average over the processes
+    for g in [*grads.values(), losses]:
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+if os.environ.get("RANK", "0") == "0":
+    torch.save(dict(grads=grads, losses=losses), {out!r})
+'''
+
+
+def test_two_processes_compute_what_one_computes_on_the_whole_batch(tmp_path):
+    """As LAVIS, ITC contrasts each pair with the pairs of every process and ITM draws its negatives
+    from all of them; with the pairs put in their global order and a generator per pair, the losses
+    and gradients of two processes (averaged, as DDP does) are those of one process on the batch."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    results = {}
+    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        script = tmp_path / f"{name}.py"
+        script.write_text(SPLIT.format(root=os.path.dirname(tests), tests=tests, out=str(tmp_path / f"{name}.pt")))
+        run = subprocess.run([sys.executable, *launch, str(script)], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    one, two = results["one"], results["two"]
+    assert torch.allclose(one["losses"], two["losses"], rtol=1e-5, atol=1e-6)
+    assert one["grads"].keys() == two["grads"].keys()
+    for k, g in one["grads"].items():
+        assert (g - two["grads"][k]).abs().max() <= 1e-6 + 1e-3 * g.abs().max(), k
