@@ -43,7 +43,7 @@ from blipdiff import BlipDiffusion, Sampling, keep_freed_memory
 from checkpoint import CheckpointError, write_atomically, write_json, write_text
 from data import DataError, ImageError, center_crop, image_files, read_image
 from metrics import CLIPModel, DINOViT, clip_pixels, dino_pixels
-from cli import add_threads, pick_device, use_threads
+from cli import Parser, add_threads, pick_device, use_threads, whole
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -398,18 +398,12 @@ def metric_arguments(p):
                    help="openai/clip-vit-base-patch32, a transformers CLIPModel folder with its tokenizer")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto: cuda, then mps, then cpu; the networks run in fp32")
-    p.add_argument("--batch-size", type=positive, default=32, help="pictures (or prompts) per forward pass")
+    p.add_argument("--batch-size", type=whole(1), default=32, help="pictures (or prompts) per forward pass")
     add_threads(p)
 
 
-def positive(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, at least 1")
-    return int(text)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="DreamBench evaluation: DINO, CLIP-I and CLIP-T, as DreamBooth "
+    parser = Parser(prog="evaluate.py", description="DreamBench evaluation: DINO, CLIP-I and CLIP-T, as DreamBooth "
                                                  "defines them (BLIP-Diffusion Table 1).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score generated images against their subject's pictures and their prompt",

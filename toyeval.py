@@ -35,7 +35,7 @@ from tqdm import tqdm
 import train
 from blipdiff import DTYPES, BlipDiffusion, keep_freed_memory, preprocess_subject
 from checkpoint import CheckpointError, write_atomically
-from cli import whole
+from cli import Parser, whole
 from oracle import eval_oracle, load_oracle, train_oracle
 from toyworld import CONTEXTS, WorldConfig, batch, identities, render, show, write_data, write_examples
 
@@ -273,7 +273,8 @@ def probe(args):
 
 def main():
     """`python toyworld.py COMMAND`: the toy world's command line (toyworld.py's entry point)."""
-    parser = argparse.ArgumentParser(description="The toy world: pictures of known subjects, and their attribute oracle.")
+    parser = Parser(prog="toyworld.py",
+                    description="The toy world: pictures of known subjects, and their attribute oracle.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("show", help="write a contact sheet of example pictures",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
