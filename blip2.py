@@ -95,7 +95,7 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may share the incoming one
         dist.all_reduce(grad)
         n = len(grad) // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
@@ -179,17 +179,21 @@ class Blip2Pretraining(nn.Module):
         reproducibly on any device.
 
         Under torch.distributed, as LAVIS, ITC contrasts each pair with the pairs of every process and
-        ITM draws its negatives from all of them (`gather`, gradients flowing back). `positions` (B,)
-        are the pairs' places in the global batch (default 0..B-1): the gathered pairs are put in that
-        order, so with one generator per pair, N processes compute what one process computes on the
-        whole batch.
+        ITM draws its negatives from all of them (`gather`, gradients flowing back; every process gives
+        the same B). `positions` (B,) are the pairs' places in the global batch (default: the
+        processes' batches one after the other): the gathered pairs are put in that order, so with
+        one generator per pair, N processes compute what one process computes on the whole batch.
         """
         if image_embeds is None:
             image_embeds = self.image_features(pixel_values)
         B, T = input_ids.shape
         Q = self.qformer.config.num_query_tokens
-        positions = torch.arange(B, device=input_ids.device) if positions is None else positions.to(input_ids.device)
+        if positions is None:  # the processes' batches one after the other
+            positions = torch.arange(B) + (dist.get_rank() * B if distributed() else 0)
+        positions = positions.to(input_ids.device)
         everyone = gather(positions)
+        if len(everyone.unique()) != len(everyone):
+            raise ValueError("positions: two pairs at one place of the global batch; give each its own")
         order = everyone.argsort()
         own = torch.searchsorted(everyone[order], positions)  # each pair's column among all of them
         if len(everyone) < 2:

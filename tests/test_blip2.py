@@ -161,6 +161,9 @@ def test_batch_of_one_is_refused(model):
     ids, mask = text_batch(batch=1)
     with pytest.raises(ValueError, match="at least 2"):
         model(ids, mask, image_embeds=image_batch(batch=1))
+    ids, mask = text_batch()
+    with pytest.raises(ValueError, match="two pairs at one place"):  # ITC's targets would be ambiguous
+        model(ids, mask, image_embeds=image_batch(), positions=torch.tensor([0, 1, 1, 2]))
 
 
 def test_itm_labels_one_match_two_mismatches(model):
@@ -279,6 +282,8 @@ from test_blip2 import image_batch, text_batch, tiny_config
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = Blip2Pretraining(tiny_config(dropout=0.0))
+ln_vision = torch.nn.LayerNorm(48)  # a trained layer before the image features, as stage 1's ln_vision
+torch.nn.init.normal_(ln_vision.weight)
 ids, mask = text_batch(8, 9)
 mask[::3, 5:] = 0  # captions of different lengths on each process
 ids = ids.masked_fill(mask == 0, 0)
@@ -287,10 +292,10 @@ rows = list(range(8))
 if "RANK" in os.environ:  # the rows of a torchrun process: rank, rank + world, ... as train.py deals them
     dist.init_process_group("gloo")
     rows = rows[dist.get_rank()::dist.get_world_size()]
-out = model(ids[rows], mask[rows], image_embeds=embeds[rows], positions=torch.tensor(rows),
+out = model(ids[rows], mask[rows], image_embeds=ln_vision(embeds[rows]), positions=torch.tensor(rows),
             generator=[torch.Generator().manual_seed(100 + i) for i in rows])
 out["loss"].backward()
-grads = {{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+grads = {{n: p.grad for n, p in [*model.named_parameters(), *ln_vision.named_parameters()] if p.grad is not None}}
 losses = torch.stack([out[k].detach() for k in ("itc", "itm", "itg")])
 if "RANK" in os.environ:  # what DDP does: the average over the processes
     for g in [*grads.values(), losses]:
@@ -319,6 +324,6 @@ def test_two_processes_compute_what_one_computes_on_the_whole_batch(tmp_path):
         results[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
     one, two = results["one"], results["two"]
     assert torch.allclose(one["losses"], two["losses"], rtol=1e-5, atol=1e-6)
-    assert one["grads"].keys() == two["grads"].keys()
+    assert one["grads"].keys() == two["grads"].keys() and "weight" in one["grads"]  # ln_vision's too
     for k, g in one["grads"].items():
         assert (g - two["grads"][k]).abs().max() <= 1e-6 + 1e-3 * g.abs().max(), k
