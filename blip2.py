@@ -214,7 +214,8 @@ class Blip2Pretraining(nn.Module):
         # ITM: for each image a hard negative text and for each text a hard negative image, drawn in
         # proportion to their ITC similarity (never the true partner); queries and text see each other.
         neg_text, neg_image = hard_negatives(sim_i2t, own, generator), hard_negatives(sim_t2i, own, generator)
-        pad = longest(T, input_ids.device) - T  # to the longest caption of any process ([PAD] = 0, masked: the same results)
+        # Captions padded to the longest of any process ([PAD] = 0, masked: the same results).
+        pad = longest(T, input_ids.device) - T
         itm_ids, itm_mask = F.pad(input_ids, (0, pad)), F.pad(attention_mask, (0, pad))
         all_ids, all_mask, all_images = (gather(x)[order] for x in (itm_ids, itm_mask, image_embeds))
         ids = torch.cat([itm_ids, itm_ids, all_ids[neg_text]])                       # pos, pos, neg

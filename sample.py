@@ -174,7 +174,8 @@ def main(argv=None):
                    help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 7.5 published, "
                         "5 the toy)")
     p.add_argument("--seed", type=whole(0), default=0, help="image k of a batch uses seed + k")
-    p.add_argument("--height", type=whole(8), default=None, help="pixels, a multiple of 8 (default: the model's, 512 published)")
+    p.add_argument("--height", type=whole(8), default=None,
+                   help="pixels, a multiple of 8 (default: the model's, 512 published)")
     p.add_argument("--width", type=whole(8), default=None, help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), default="pndm",
                    help="pndm: the published scheduler; ddim: Stable Diffusion v1.5's DDIM; dpm: DPM-Solver++(2M), "

@@ -138,10 +138,11 @@ def sizes(args, part, cls, **learnt):
 class Stage(nn.Module):
     """What one --stage trains: this module (what DDP wraps, what a checkpoint holds). `frozen`: the
     modules it runs in eval mode under no_grad; `configs`: what a checkpoint must match to resume;
-    `pictures`: the keys of a record's pictures; `fields`: the text a record must have; `size`: the diffusion target's side; `model`: the
-    BlipDiffusion it trains (None: nothing to sample). batch(step, indices, items, positions) turns
-    this rank's share of a step, items (record index, record, pictures) at `positions` of the global
-    batch, into forward's arguments; export(out) writes the trained parts."""
+    `pictures`: the keys of a record's pictures; `fields`: the text a record must have; `size`: the
+    diffusion target's side; `model`: the BlipDiffusion it trains (None: nothing to sample).
+    batch(step, indices, items, positions) turns this rank's share of a step, items (record index,
+    record, pictures) at `positions` of the global batch, into forward's arguments; export(out) writes
+    the trained parts."""
     pictures, fields, model, size = ("image",), ("caption",), None, None
 
     def __init__(self, args, device):
@@ -272,7 +273,8 @@ class PipelineStage(Stage):
         image = self.model.generate(*self.sample_inputs(records), steps=25, seed=0, height=self.size,
                                     width=self.size, progress=False)[0]
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        write_atomically(os.path.join(out, "samples", f"step-{step:07d}.png"), lambda tmp: image.save(tmp, format="PNG"))
+        write_atomically(os.path.join(out, "samples", f"step-{step:07d}.png"),
+                         lambda tmp: image.save(tmp, format="PNG"))
         for m, mode in modes.items():
             m.train(mode)
 

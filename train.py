@@ -86,7 +86,8 @@ def main(argv=None):
     p.add_argument("--weights", default=None, help="a BLIP-Diffusion folder in the published layout to start from")
     p.add_argument("--data", default=None, help="JSONL manifest (pairs.py's records.jsonl for --stage subject), "
                                                  "tar shards (multimodal, t2i, subject: 'data/{00000..01023}.tar', "
-                                                 "a folder, a list), or 'toy' (examples/toy-data: 64 pictures of the toy world)")
+                                                 "a folder, a list), or 'toy' (examples/toy-data: 64 pictures of "
+                                                 "the toy world)")
     p.add_argument("--sd", default=None, help="subject, t2i: SD v1.5's single file (v1-5-pruned-emaonly.safetensors) "
                                                "or a diffusers-layout folder (the toy's stage-0 --out) to start from")
     p.add_argument("--qformer", default=None, help="subject: a stage-1 output folder (its qformer/ and bert_tokenizer/)")
@@ -112,7 +113,8 @@ def main(argv=None):
     p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
                    help="lr after the warm-up: constant, or cosine down to 10%% at the last step "
                         "(default: cosine for stage 1 as BLIP-2, constant elsewhere as published)")
-    p.add_argument("--ema", type=real(low=0, below=1), default=0.0, help="EMA decay of the trained weights (0: off); the export uses EMA")
+    p.add_argument("--ema", type=real(low=0, below=1), default=0.0,
+                   help="EMA decay of the trained weights (0: off); the export uses EMA")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over ranks (ZeRO-1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trainable module")
@@ -122,7 +124,8 @@ def main(argv=None):
                    help="t2i, subject, finetune: keep each picture's frozen-encoder outputs (VAE posterior, image "
                         "tower; t2i: each caption's text encoding too) in memory, so later epochs skip those "
                         "encoders (small datasets: the toy's)")
-    p.add_argument("--image-size", type=whole(8), default=None, help="diffusion target size (default: the model's, 512 for SD-1.5)")
+    p.add_argument("--image-size", type=whole(8), default=None,
+                   help="diffusion target size (default: the model's, 512 for SD-1.5)")
     p.add_argument("--seed", type=whole(0), default=42, help="LAVIS' seed")
     p.add_argument("--log-every", type=whole(1), default=1, help="steps between log lines")
     p.add_argument("--save-every", type=whole(1), default=1000, help="steps between checkpoints; also saved at the last step")
