@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 import torch
 
-from checkpoint import plain_mode
+from checkpoint import leftover_of, plain_mode
 from data import DataError, load_image
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -156,7 +156,7 @@ def remove_leftovers(folder, shards):
     """Remove what an interrupted ShardWriter left in `folder` of the shards named `shards` (only
     those: another machine may be writing others there)."""
     for name in os.listdir(folder):
-        if name.startswith(".") and name.partition(".tmp-")[0][1:] in shards:
+        if leftover_of(name) in shards:
             os.remove(os.path.join(folder, name))
 
 

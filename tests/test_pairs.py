@@ -206,10 +206,10 @@ def test_shards_hold_the_pairs_however_the_work_is_split_and_resume(data):
     stamps = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
     before = (out / "00002.tar").read_bytes()
     os.remove(out / "00002.tar")
-    (out / ".00002.tar.tmp-abc").write_bytes(b"half a shard")
-    (out / ".00007.tar.tmp-xyz").write_bytes(b"another machine's")
+    (out / ".00002.tar.tmp-abcd1234").write_bytes(b"half a shard")  # ShardWriter's temporary names
+    (out / ".00007.tar.tmp-wxyz5678").write_bytes(b"another machine's")
     assert run_shards(data, out) == {"records": 1, "skipped": 1, "shards": 1}
-    assert sorted(os.listdir(out)) == sorted([*stamps, ".00007.tar.tmp-xyz"])
+    assert sorted(os.listdir(out)) == sorted([*stamps, ".00007.tar.tmp-wxyz5678"])
     assert (out / "00002.tar").read_bytes() == before
     assert all(os.stat(out / f).st_mtime_ns == stamps[f] for f in stamps if not f.startswith("00002"))
 
